@@ -1,0 +1,110 @@
+"""`llavaseg` command line: one subcommand per job, all sharing `--config/--profile/key=value`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shared.config import DEFAULT_CONFIG_NAME, ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("llavaseg")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG_NAME, help="pipeline TOML file (default: %(default)s)")
+    parser.add_argument("--profile", default=None, help="named profile in the config file, e.g. paper-13b")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage2.lr=3e-4")
+
+
+def _load(args: argparse.Namespace, check_paths: bool = True) -> PipelineConfig:
+    return load_config(args.config, args.profile, args.overrides, check_paths=check_paths)
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from manifests.registry import build_manifest, manifest_filename
+
+    config = _load(args, check_paths=False)
+    root = Path(args.root).resolve() if args.root else config.data_root
+    out = Path(args.out) if args.out else config.work_dir / "manifests" / manifest_filename(args.dataset, args.split)
+    result = build_manifest(args.dataset, root, args.split, out)
+    print(result.summary())
+    print(f"manifest written to {result.path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from llavaseg.pipeline import prepare
+
+    prepare(_load(args))
+    return 0
+
+
+def cmd_reason(args: argparse.Namespace) -> int:
+    from llavaseg.pipeline import prepare, reason
+
+    config = _load(args)
+    manifests = prepare(config, build_models=False)
+    reason(config, manifests, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from llavaseg.pipeline import run_all
+
+    run_all(_load(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llavaseg",
+        description="Reasoning segmentation with a frozen multimodal LLM (LLaVASeg): cached CoT reasoning, SAM adapters.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("manifest", help="build one dataset's manifest Parquet from its on-disk format")
+    p.add_argument("dataset", help="reasonseg, refcoco, refcoco+, refcocog, refclef, ade20k, cocostuff, paco_lvis, pascal_part")
+    p.add_argument("--root", default=None, help="data root in LISA's layout (default: [paths].data_root)")
+    p.add_argument("--split", required=True, help="train, val, test, testA, ... as the dataset has them")
+    p.add_argument("--out", default=None, help="output Parquet (default: <work_dir>/manifests/<dataset>-<split>.parquet)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("prepare", help="demo data (if configured), every configured manifest, tiny models")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("reason", help="stage 1: chain-of-thought reasoning through vLLM into Parquet shards")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_reason)
+
+    p = sub.add_parser("run", help="the whole pipeline on the configured data")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Stage-1 shards: schema, atomic writes, completion markers, validated reads.
+
+A run folder holds one sub-folder per manifest (``<dataset>-<split>/``) with fixed, numbered shards::
+
+    00000.parquet      rows of manifest rows [0, shard_size) in sample_id order
+    00000.done.json    stats, written LAST: the only proof the shard is complete
+
+A shard is written to a temporary name and renamed; a rerun skips shards whose ``done`` file exists and whose sample ids
+match the manifest (a rebuilt manifest invalidates exactly the shards it changed). Stage 2 reads only done shards, and
+checks each one's run key and schema version, so a stray file cannot be read as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHARD_SCHEMA_VERSION = 1
+TMP_SUFFIX = ".tmp"
+_SHARD_RE = re.compile(r"^(\d{5})\.parquet$")
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used as data: truncated, from another run, or of another schema version."""
+
+
+def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """Stage-1 shard schema. ``embedding`` is float16 [n_tokens, dim], empty (0 x dim) in ``input`` mode or on error."""
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("reason_prompt", pa.string()),  # step 1 (reason) user turn
+        pa.field("reason_answer", pa.string()),  # the MLLM's unharmed answer
+        pa.field("seg_prompt", pa.string()),  # steps 2+3 merged, second turn
+        pa.field("seg_answer", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("attributes", pa.string()),
+        pa.field("parse_status", pa.string()),  # ok | fallback
+        pa.field("seg_text", pa.string()),  # the exact text that was embedded
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("embedding", pa.list_(pa.list_(pa.float16(), dim))),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("generated_tokens", pa.int32()),
+        pa.field("status", pa.string(), nullable=False),  # ok | error
+        pa.field("error", pa.string()),
+    ]
+    meta = {"llavaseg.shard_schema_version": str(SHARD_SCHEMA_VERSION), "llavaseg.embedding_dim": str(dim)}
+    meta.update(metadata or {})
+    return pa.schema(fields, metadata=meta)
+
+
+def run_key(settings: dict[str, Any], label: str = "") -> str:
+    """Folder name from everything that changes the rows: ``<label>-<12 hex>``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:48]
+    return f"{label}-{digest}" if label else digest
+
+
+def ids_digest(sample_ids: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for sid in sample_ids:
+        h.update(sid.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}.parquet"
+
+
+def done_path(shard_path: Path) -> Path:
+    return shard_path.with_name(shard_path.name.replace(".parquet", ".done.json"))
+
+
+def embeddings_to_arrow(embeddings: list[np.ndarray | None], dim: int) -> pa.Array:
+    """List of float16 [n_i, dim] arrays (None -> empty) -> list<fixed_size_list<float16, dim>> without per-value Python work."""
+    offsets = [0]
+    flat = []
+    for emb in embeddings:
+        if emb is None:
+            emb = np.zeros((0, dim), np.float16)
+        if emb.ndim != 2 or emb.shape[1] != dim:
+            raise ValueError(f"embedding of shape {emb.shape} does not match dim {dim}")
+        flat.append(np.ascontiguousarray(emb, dtype=np.float16).reshape(-1))
+        offsets.append(offsets[-1] + emb.shape[0])
+    values = np.concatenate(flat) if flat else np.zeros(0, np.float16)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(values, type=pa.float16()), dim)
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), inner)
+
+
+def embedding_from_arrow(column: pa.ListArray | pa.ChunkedArray, row: int) -> np.ndarray:
+    """One row's float16 [n_tokens, dim] array, zero-copy from the Arrow buffers."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    dim = column.type.value_type.list_size
+    cell = column[row].values  # FixedSizeListArray of n_tokens
+    flat = cell.flatten().to_numpy(zero_copy_only=True)
+    return flat.reshape(-1, dim)
+
+
+def write_shard(table: pa.Table, shard_path: Path, stats: dict[str, Any]) -> None:
+    """Write ``table`` to ``shard_path`` atomically, then the done file (stats + row ids digest) last."""
+    shard_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = shard_path.with_name(shard_path.name + TMP_SUFFIX)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, shard_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    stats = dict(stats, rows=table.num_rows, ids_digest=ids_digest(table.column("sample_id").to_pylist()))
+    write_json_atomic(done_path(shard_path), stats)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_done(shard_path: Path) -> dict[str, Any] | None:
+    path = done_path(shard_path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_done(shard_path: Path, expected_ids: list[str]) -> bool:
+    """True when the shard is complete and covers exactly ``expected_ids``."""
+    done = read_done(shard_path)
+    return bool(done) and shard_path.is_file() and done.get("ids_digest") == ids_digest(expected_ids)
+
+
+def clean_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove temp files a killed writer left behind; they are never read as data."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.rglob(f"*{TMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    rows: int
+    metadata: dict[str, str]
+
+
+def open_shard(shard_path: Path, expected_run_key: str | None = None) -> pq.ParquetFile:
+    """Open a done shard after checking it is whole, of this schema version, and from the expected run."""
+    if read_done(shard_path) is None:
+        raise ShardError(f"{shard_path}: no done marker; the shard is incomplete and is not read")
+    try:
+        pf = pq.ParquetFile(shard_path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{shard_path}: unreadable Parquet ({err})") from None
+    meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+    version = meta.get("llavaseg.shard_schema_version")
+    if version != str(SHARD_SCHEMA_VERSION):
+        raise ShardError(f"{shard_path}: shard schema version {version!r}, this code reads {SHARD_SCHEMA_VERSION}")
+    if expected_run_key is not None and meta.get("llavaseg.run_key") != expected_run_key:
+        raise ShardError(
+            f"{shard_path}: belongs to run {meta.get('llavaseg.run_key')!r}, expected {expected_run_key!r}"
+        )
+    return pf
+
+
+def list_shards(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.parquet") if _SHARD_RE.match(p.name))
+
+
+def read_shards(folder: Path, expected_run_key: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Concatenate every done shard of a manifest folder (validated). Missing done markers raise ShardError."""
+    tables = []
+    for path in list_shards(folder):
+        pf = open_shard(path, expected_run_key)
+        try:
+            tables.append(pf.read(columns=columns))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise ShardError(f"{path}: unreadable Parquet ({err})") from None
+    if not tables:
+        raise ShardError(f"{folder}: no shards")
+    return pa.concat_tables(tables)

@@ -1,0 +1,119 @@
+"""pipeline.toml -> frozen dataclasses: profiles, overrides, every error at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, PipelineConfig, load_config, parse_override, profile_names
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_TOML = REPO / "pipeline.toml"
+
+
+def test_embedded_default_equals_dataclass_defaults():
+    """The file's top-level sections are the embedded demo, and the code's defaults say the same."""
+    config = load_config(PIPELINE_TOML)
+    defaults = PipelineConfig()
+    for section in ("paths", "data", "stage1", "stage2", "ray"):
+        assert getattr(config, section) == getattr(defaults, section), section
+    assert config.stage1.model == "tiny-llava"
+    assert config.stage2.sam_variant == "tiny"
+    assert config.data_root == REPO / "work" / "demo_data"
+
+
+@pytest.mark.parametrize("profile", profile_names(PIPELINE_TOML))
+def test_every_profile_validates(profile):
+    config = load_config(PIPELINE_TOML, profile=profile, check_paths=False)
+    assert config.profile == profile
+    assert config.stage2.sam_variant == "vit_h"
+    assert config.stage2.global_batch == 160 and config.stage2.iterations == 12000
+    assert config.stage2.lr == 1e-4 and config.stage2.weight_decay == 1e-4
+    assert (config.stage2.bce_weight, config.stage2.dice_weight) == (1.0, 0.5)
+    assert config.stage2.precision == "bf16"
+    assert "reasonseg/train" in config.data.train and "refcocog/train" in config.data.train
+
+
+def test_paper_13b_profile_names_missing_weights_and_data(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(PIPELINE_TOML, profile="paper-13b")
+    text = str(err.value)
+    assert "stage2.sam_checkpoint: file not found" in text and "sam_vit_h_4b8939.pth" in text
+    assert "paths.data_root: folder not found" in text
+    assert load_config(PIPELINE_TOML, profile="paper-13b", check_paths=False).stage1.model == "llava-hf/llava-1.5-13b-hf"
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        """
+[stage1]
+modle = "x"
+max_new_tokens = "many"
+cot_steps = 4
+[stage2]
+lr = true
+sam_variant = "vit_h"
+sam_checkpoint = "nowhere/sam.pth"
+[extra]
+a = 1
+"""
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, profile="nope")
+    problems = err.value.problems
+    joined = "\n".join(problems)
+    assert "stage1.modle: unknown key (did you mean 'model'?)" in joined
+    assert "stage1.max_new_tokens: expected int, got str ('many')" in joined
+    assert "stage1.cot_steps: 4 is not one of 1, 2, 3" in joined
+    assert "stage2.lr: expected float, got bool (True)" in joined
+    assert "stage2.sam_checkpoint: file not found" in joined and "nowhere/sam.pth" in joined
+    assert "extra: unknown section" in joined
+    assert "profiles.nope: no such profile" in joined
+    assert len(problems) == 7, problems
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_missing_local_model_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage1.model: local model path not found: .*/models/llava-x"):
+        load_config(PIPELINE_TOML, overrides=["stage1.model=./models/llava-x"])
+
+
+def test_overrides_are_typed_and_checked():
+    config = load_config(PIPELINE_TOML, overrides=["stage2.lr=3e-4", "stage1.cot_steps=2", 'data.train=["refcoco/train"]',
+                                                   "stage1.model=llava-hf/llava-1.5-7b-hf", "stage2.adapter_blocks=[1]"])
+    assert config.stage2.lr == 3e-4
+    assert config.stage1.cot_steps == 2
+    assert config.data.train == ["refcoco/train"]
+    assert config.stage1.model == "llava-hf/llava-1.5-7b-hf"
+    assert config.stage2.adapter_blocks == [1]
+    assert parse_override("stage1.prompt_version=v2") == (["stage1", "prompt_version"], "v2")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(PIPELINE_TOML, overrides=["stage2.lr"])
+    with pytest.raises(ConfigError, match="stage2.iterations: expected int, got float"):
+        load_config(PIPELINE_TOML, overrides=["stage2.iterations=1.5"])
+    with pytest.raises(ConfigError, match=r"data.train: 'refcoco' is not '<dataset>/<split>'"):
+        load_config(PIPELINE_TOML, overrides=['data.train=["refcoco"]'])
+
+
+def test_config_is_frozen_and_written_resolved(tmp_path):
+    config = load_config(PIPELINE_TOML, overrides=["stage2.lr=2e-4"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.stage2.lr = 1.0  # type: ignore[misc]
+    path = config.write_resolved(tmp_path)
+    resolved = json.loads(path.read_text())
+    assert resolved["stage2"]["lr"] == 2e-4
+    assert resolved["stage1"]["model"] == "tiny-llava"
+
+
+def test_pipeline_toml_parses_as_plain_toml():
+    raw = tomllib.loads(PIPELINE_TOML.read_text())
+    assert set(raw) == {"paths", "data", "stage1", "stage2", "ray", "profiles"}

@@ -50,7 +50,6 @@ def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
         pa.field("seg_text", pa.string()),  # the exact text that was embedded
         pa.field("token_ids", pa.list_(pa.int32())),
         pa.field("embedding", pa.list_(pa.list_(pa.float16(), dim))),
-        pa.field("prompt_tokens", pa.int32()),
         pa.field("generated_tokens", pa.int32()),
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),

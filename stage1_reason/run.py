@@ -1,0 +1,433 @@
+"""Stage 1 over manifests: fixed numbered shards, two phases, exactly once.
+
+Layout under ``<work_dir>/stage1/<run_key>/``::
+
+    run.json                      the settings that make up the run key (model + weights fingerprint, prompt version, ...)
+    resolved_config.json
+    input_embeddings.safetensors  (embed_mode "input" only) the MLLM's input embedding table, for stage 2 lookups
+    <dataset>-<split>/00000.parquet, 00000.done.json, ...
+
+Phase 1 (generation engine) turns each pending shard's rows into a ``<n>.gen.parquet`` with the chain of thought; phase 2
+(embedding engine, started after the first is closed: one engine at a time) adds token ids and embeddings and writes the
+final shard, then its ``done`` file, then removes the ``gen`` file. Both phases write to temporary names and rename, so a
+kill at any point loses at most the shard in flight; a rerun skips done shards and reuses finished generation.
+Per-row failures (unreadable image, empty or over-long query, engine errors) are error rows, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from shared import shards
+from shared.config import PipelineConfig
+from stage1_reason import prompts
+from stage1_reason.fingerprint import model_fingerprint
+from stage1_reason.tiny_model import resolve_model
+
+log = logging.getLogger(__name__)
+
+GEN_SUFFIX = ".gen.parquet"
+GEN_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("reason_prompt", pa.string()),
+        pa.field("reason_answer", pa.string()),
+        pa.field("seg_answer", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("attributes", pa.string()),
+        pa.field("parse_status", pa.string()),
+        pa.field("seg_text", pa.string()),
+        pa.field("context_messages", pa.string()),  # JSON: the conversation seg_text continues
+        pa.field("generated_tokens", pa.int32()),
+        pa.field("error", pa.string()),
+    ]
+)
+MANIFEST_COLUMNS = ["sample_id", "dataset", "split", "image_path", "query", "query_kind"]
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    manifest: str  # "<dataset>/<split>"
+    manifest_path: str
+    index: int
+    path: str  # final shard path
+    sample_ids: list[str]
+
+
+@dataclass
+class ManifestStats:
+    rows: int = 0
+    shards: int = 0
+    reused_rows: int = 0
+    new_rows: int = 0
+    errors: int = 0
+    generated_tokens: int = 0
+    embedded_tokens: int = 0
+
+
+@dataclass
+class Stage1Summary:
+    run_dir: Path
+    run_key: str
+    per_manifest: dict[str, ManifestStats] = field(default_factory=dict)
+    generated_samples: int = 0  # rows that went through the generation engine in this call
+    embedded_samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def new_rows(self) -> int:
+        return sum(s.new_rows for s in self.per_manifest.values())
+
+    @property
+    def reused_rows(self) -> int:
+        return sum(s.reused_rows for s in self.per_manifest.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.per_manifest.values())
+
+    def describe(self) -> str:
+        rate = self.generated_samples / self.seconds if self.seconds and self.generated_samples else 0.0
+        lines = [
+            f"stage 1: {self.new_rows} new samples, {self.reused_rows} reused, {self.errors} error rows, "
+            f"{self.seconds:.1f}s ({rate:.2f} samples/s generated) -> {self.run_dir}"
+        ]
+        for name, s in self.per_manifest.items():
+            lines.append(
+                f"  {name}: {s.rows} rows in {s.shards} shards ({s.new_rows} new, {s.reused_rows} reused, "
+                f"{s.errors} errors, {s.generated_tokens} generated tokens, {s.embedded_tokens} embedded tokens)"
+            )
+        return "\n".join(lines)
+
+
+def run_settings(config: PipelineConfig, model_path: str) -> dict[str, Any]:
+    """Everything that changes the rows of a shard: it makes the run key."""
+    s1 = config.stage1
+    return {
+        "model": s1.model,
+        "weights": model_fingerprint(model_path),
+        "backend": s1.backend,
+        "prompt_version": s1.prompt_version,
+        "prompts": prompts.prompt_set(s1.prompt_version).__dict__,
+        "cot_steps": s1.cot_steps,
+        "embed_mode": s1.embed_mode,
+        "max_embed_tokens": s1.max_embed_tokens,
+        "max_new_tokens": s1.max_new_tokens,
+        "max_model_len": s1.max_model_len,
+        "dtype": s1.dtype,
+        "decoding": "greedy",
+        "seed": s1.seed,
+        "shard_size": s1.shard_size,
+        "max_samples_per_manifest": config.data.max_samples_per_manifest,
+    }
+
+
+def run_dir_for(config: PipelineConfig, model_path: str | None = None) -> tuple[Path, str, dict[str, Any]]:
+    model_path = model_path or resolve_model(config.stage1.model, config.work_dir)
+    settings = run_settings(config, model_path)
+    key = shards.run_key(settings, label=Path(config.stage1.model.rstrip("/")).name)
+    return config.work_dir / "stage1" / key, key, settings
+
+
+def manifest_folder(run_dir: Path, spec: str) -> Path:
+    return run_dir / spec.replace("/", "-")
+
+
+def read_manifest_rows(path: Path, limit: int = 0) -> pa.Table:
+    table = pq.read_table(path, columns=MANIFEST_COLUMNS).sort_by("sample_id")
+    return table.slice(0, limit) if limit > 0 else table
+
+
+def plan_shards(run_dir: Path, spec: str, manifest_path: Path, manifest: pa.Table, shard_size: int) -> list[ShardTask]:
+    ids = manifest.column("sample_id").to_pylist()
+    folder = manifest_folder(run_dir, spec)
+    return [
+        ShardTask(spec, str(manifest_path), i, str(folder / shards.shard_name(i)), ids[start : start + shard_size])
+        for i, start in enumerate(range(0, len(ids), shard_size))
+    ]
+
+
+def gen_path(task: ShardTask) -> Path:
+    return Path(task.path).with_name(Path(task.path).name.replace(".parquet", GEN_SUFFIX))
+
+
+def _load_samples(rows: pa.Table, data_root: Path) -> list[Any]:
+    """Manifest rows -> engine Samples with decoded images (unreadable images become the row's error)."""
+    from shared.images import load_rgb
+    from shared.paths import resolve_inside
+    from stage1_reason.engine import Sample
+
+    samples = []
+    for row in rows.to_pylist():
+        image, error = None, None
+        try:
+            image = load_rgb(resolve_inside(data_root, row["image_path"]))
+        except ValueError as err:  # ImageLoadError, PathEscapeError
+            error = str(err)
+        except OSError as err:
+            error = f"{row['image_path']}: {err}"
+        samples.append(Sample(row["sample_id"], row["query"], row["query_kind"], image, error))
+    return samples
+
+
+def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: PipelineConfig) -> int:
+    """Phase 1 for one shard: both CoT turns, written atomically to the shard's gen file. Returns rows generated."""
+    from stage1_reason.engine import run_chain_of_thought
+
+    samples = _load_samples(rows, config.data_root)
+    outputs = run_chain_of_thought(backend, samples, config.stage1.cot_steps, config.stage1.prompt_version)
+    table = pa.Table.from_pylist(
+        [
+            {
+                "sample_id": out.key,
+                "reason_prompt": out.reason_question,
+                "reason_answer": out.reason_answer,
+                "seg_answer": out.target_attribute_answer,
+                "target": out.target,
+                "attributes": out.attributes,
+                "parse_status": out.parse_status,
+                "seg_text": out.seg_text,
+                "context_messages": json.dumps(out.context_messages),
+                "generated_tokens": out.generated_tokens,
+                "error": out.error,
+            }
+            for out in outputs
+        ],
+        schema=GEN_SCHEMA,
+    )
+    path = gen_path(task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + shards.TMP_SUFFIX)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return len(samples)
+
+
+def embed_shard(
+    task: ShardTask, rows: pa.Table, embedder: Any, config: PipelineConfig, metadata: dict[str, str], dim: int
+) -> dict[str, Any]:
+    """Phase 2 for one shard: embeddings for its gen rows, then the final shard and its done file. Returns its stats."""
+    from stage1_reason.embed import EmbedRequest
+
+    started = time.perf_counter()
+    generated = pq.read_table(gen_path(task))
+    gen_rows = {row["sample_id"]: row for row in generated.to_pylist()}
+    manifest_rows = rows.to_pylist()
+    missing = [r["sample_id"] for r in manifest_rows if r["sample_id"] not in gen_rows]
+    if missing:
+        raise RuntimeError(f"{gen_path(task)}: generation output lacks {len(missing)} rows, e.g. {missing[:3]}")
+    samples = {s.key: s for s in _load_samples(rows, config.data_root)}
+    requests = []
+    for row in manifest_rows:
+        gen = gen_rows[row["sample_id"]]
+        sample = samples[row["sample_id"]]
+        error = gen["error"] or (f"image: {sample.image_error}" if sample.image_error else None)
+        requests.append(
+            EmbedRequest(row["sample_id"], json.loads(gen["context_messages"]), gen["seg_text"], sample.image, error)
+        )
+    results = embedder.embed(requests)
+    seg_prompt = prompts.prompt_set(config.stage1.prompt_version).target_attribute_prompt
+    records, embeddings = [], []
+    for row, result in zip(manifest_rows, results, strict=True):
+        gen = gen_rows[row["sample_id"]]
+        ok = result.ok
+        records.append(
+            {
+                "sample_id": row["sample_id"],
+                "dataset": row["dataset"],
+                "split": row["split"],
+                "query": row["query"],
+                "reason_prompt": gen["reason_prompt"],
+                "reason_answer": gen["reason_answer"],
+                "seg_prompt": seg_prompt if config.stage1.cot_steps > 1 else "",
+                "seg_answer": gen["seg_answer"],
+                "target": gen["target"],
+                "attributes": gen["attributes"],
+                "parse_status": gen["parse_status"],
+                "seg_text": gen["seg_text"],
+                "token_ids": result.token_ids.tolist() if ok else [],
+                "generated_tokens": gen["generated_tokens"],
+                "status": "ok" if ok else "error",
+                "error": None if ok else result.error,
+            }
+        )
+        embeddings.append(result.embedding if ok else None)
+    schema = shards.shard_schema(dim, metadata)
+    columns = {name: [rec[name] for rec in records] for name in schema.names if name != "embedding"}
+    arrays = [
+        shards.embeddings_to_arrow(embeddings, dim) if f.name == "embedding" else pa.array(columns[f.name], type=f.type)
+        for f in schema
+    ]
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    stats = {
+        "manifest": task.manifest,
+        "shard": task.index,
+        "errors": sum(r["status"] == "error" for r in records),
+        "generated_tokens": int(sum(r["generated_tokens"] or 0 for r in records)),
+        "embedded_tokens": int(sum(len(r["token_ids"]) for r in records)),
+        "embed_seconds": round(time.perf_counter() - started, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    shards.write_shard(table, Path(task.path), stats)
+    gen_path(task).unlink(missing_ok=True)
+    return json.loads(shards.done_path(Path(task.path)).read_text())
+
+
+def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
+    from stage1_reason.engine import make_backend
+
+    s1 = config.stage1
+    return make_backend(
+        s1.backend, model_path, max_new_tokens=s1.max_new_tokens, dtype=s1.dtype, max_model_len=s1.max_model_len,
+        tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
+        enforce_eager=s1.enforce_eager, trust_remote_code=s1.trust_remote_code, seed=s1.seed,
+    )
+
+
+def make_embedder_for(config: PipelineConfig, model_path: str) -> Any:
+    from stage1_reason.embed import make_embedder
+
+    s1 = config.stage1
+    kwargs: dict[str, Any] = dict(
+        max_embed_tokens=s1.max_embed_tokens, max_model_len=s1.max_model_len, dtype=s1.dtype,
+        trust_remote_code=s1.trust_remote_code,
+    )
+    if s1.backend == "vllm":
+        kwargs.update(tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
+                      enforce_eager=s1.enforce_eager, seed=s1.seed)
+    return make_embedder(s1.embed_mode, model_path, backend=s1.backend, **kwargs)
+
+
+def embedding_dim(model_path: str, trust_remote_code: bool = False) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).get_text_config().hidden_size)
+
+
+def shard_metadata(config: PipelineConfig, key: str, settings: dict[str, Any], model_path: str, dim: int) -> dict[str, str]:
+    from importlib.metadata import version
+
+    s1 = config.stage1
+    return {
+        "llavaseg.run_key": key,
+        "llavaseg.model": s1.model,
+        "llavaseg.model_path": str(model_path),
+        "llavaseg.weights_fingerprint": settings["weights"],
+        "llavaseg.prompt_version": s1.prompt_version,
+        "llavaseg.cot_steps": str(s1.cot_steps),
+        "llavaseg.embed_mode": s1.embed_mode,
+        "llavaseg.embed_layer": "last_hidden" if s1.embed_mode == "hidden" else "input_embeddings",
+        "llavaseg.embedding_dim": str(dim),
+        "llavaseg.embedding_dtype": "float16",
+        "llavaseg.backend": s1.backend,
+        "llavaseg.package_version": version("llavaseg"),
+        "llavaseg.settings": json.dumps(settings, sort_keys=True),
+    }
+
+
+def _rows_by_task(tasks: list[ShardTask], manifests: dict[str, pa.Table]) -> dict[tuple[str, int], pa.Table]:
+    out = {}
+    for task in tasks:
+        table = manifests[task.manifest]
+        out[(task.manifest, task.index)] = table.filter(pa.compute.is_in(table["sample_id"], pa.array(task.sample_ids)))
+    return out
+
+
+def run_stage1(
+    config: PipelineConfig,
+    manifests: list[tuple[str, Path]],
+    overwrite: bool = False,
+    backend: Any = None,
+    embedder: Any = None,
+) -> Stage1Summary:
+    """Stage 1 for every manifest (spec, path). ``backend``/``embedder`` may be passed in (shared engines); they are then
+    not closed here. With ``stage1.use_ray`` the shards run on a Ray Data actor pool of ``stage1.replicas`` engines."""
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+
+    started = time.perf_counter()
+    model_path = resolve_model(config.stage1.model, config.work_dir)
+    run_dir, key, settings = run_dir_for(config, model_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shards.write_json_atomic(run_dir / "run.json", {"run_key": key, "settings": settings})
+    config.write_resolved(run_dir)
+    for stale in shards.clean_stale_temp_files(run_dir):
+        log.warning("removed a temp file left by a killed writer: %s", stale)
+    dim = embedding_dim(model_path, config.stage1.trust_remote_code)
+    metadata = shard_metadata(config, key, settings, model_path, dim)
+    if config.stage1.embed_mode == "input" and not (run_dir / "input_embeddings.safetensors").is_file():
+        from stage1_reason.embed import export_input_embeddings
+
+        export_input_embeddings(model_path, run_dir / "input_embeddings.safetensors")
+
+    summary = Stage1Summary(run_dir, key)
+    tables, pending = {}, []
+    for spec, path in manifests:
+        table = read_manifest_rows(Path(path), config.data.max_samples_per_manifest)
+        tables[spec] = table
+        tasks = plan_shards(run_dir, spec, Path(path), table, config.stage1.shard_size)
+        stats = summary.per_manifest.setdefault(spec, ManifestStats(rows=table.num_rows, shards=len(tasks)))
+        for task in tasks:
+            if not overwrite and shards.is_done(Path(task.path), task.sample_ids):
+                stats.reused_rows += len(task.sample_ids)
+                done = shards.read_done(Path(task.path)) or {}
+                stats.errors += int(done.get("errors", 0))
+                stats.generated_tokens += int(done.get("generated_tokens", 0))
+                stats.embedded_tokens += int(done.get("embedded_tokens", 0))
+            else:
+                if overwrite:
+                    gen_path(task).unlink(missing_ok=True)
+                    shards.done_path(Path(task.path)).unlink(missing_ok=True)
+                pending.append(task)
+    rows = _rows_by_task(pending, tables)
+    to_generate = [t for t in pending if not gen_path(t).is_file()]
+    log.info("stage 1 run %s: %d shards pending (%d need generation)", key, len(pending), len(to_generate))
+
+    if pending and config.stage1.use_ray:
+        from stage1_reason.ray_run import run_phases_on_ray
+
+        done_stats, summary.generated_samples = run_phases_on_ray(config, model_path, pending, to_generate, metadata, dim)
+    else:
+        done_stats = []
+        if to_generate:
+            own = backend is None
+            backend = backend or make_generation_backend(config, model_path)
+            try:
+                for task in tqdm(to_generate, desc="stage 1 generate", unit="shard"):
+                    summary.generated_samples += generate_shard(task, rows[(task.manifest, task.index)], backend, config)
+            finally:
+                if own:
+                    backend.close()
+        if pending:
+            own = embedder is None
+            embedder = embedder or make_embedder_for(config, model_path)
+            try:
+                for task in tqdm(pending, desc="stage 1 embed", unit="shard"):
+                    done_stats.append(embed_shard(task, rows[(task.manifest, task.index)], embedder, config, metadata, dim))
+            finally:
+                if own:
+                    embedder.close()
+    for stats in done_stats:
+        m = summary.per_manifest[stats["manifest"]]
+        m.new_rows += stats["rows"]
+        m.errors += stats["errors"]
+        m.generated_tokens += stats["generated_tokens"]
+        m.embedded_tokens += stats["embedded_tokens"]
+    summary.embedded_samples = sum(s["rows"] for s in done_stats)
+    summary.seconds = time.perf_counter() - started
+    shards.write_json_atomic(run_dir / "summary.json", {
+        "run_key": key, "new_rows": summary.new_rows, "reused_rows": summary.reused_rows, "errors": summary.errors,
+        "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
+        "per_manifest": {k: v.__dict__ for k, v in summary.per_manifest.items()},
+    })
+    log.info("%s", summary.describe())
+    return summary

@@ -1,0 +1,226 @@
+"""Stage 1 end to end on the demo data: exactly-once shards, provenance, resume after SIGKILL, run keys, error rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shared import shards
+from shared.config import load_config
+from shared.schema import MANIFEST_SCHEMA
+
+from .conftest import TINY_MAX_EMBED_TOKENS, TINY_MAX_NEW_TOKENS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(folder: Path, data_root: Path, work_dir: Path, **stage1: object) -> Path:
+    """A pipeline.toml for the demo data with the shared test engines' settings."""
+    settings = {"max_new_tokens": TINY_MAX_NEW_TOKENS, "max_embed_tokens": TINY_MAX_EMBED_TOKENS, "shard_size": 4, **stage1}
+    lines = [
+        "[paths]", f'data_root = "{data_root}"', f'work_dir = "{work_dir}"',
+        "[data]", "demo_train_images = 6", "demo_val_images = 4",
+        "[stage1]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
+    ]
+    path = folder / "pipeline.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_setup(tmp_path_factory, tiny_llava_dir):
+    """Demo data + manifests, shared by the tests of this module; the tiny model is linked into each work dir."""
+    from llavaseg.pipeline import prepare
+
+    root = tmp_path_factory.mktemp("stage1")
+    data_root = root / "data"
+    config = load_config(write_config(root, data_root, root / "work-prepare"))
+    manifests = prepare(config, build_models=False)
+    return root, data_root, [(m.spec, m.path) for m in manifests]
+
+
+def make_config(root: Path, data_root: Path, name: str, tiny_llava_dir: Path, **stage1: object):
+    work = root / name
+    (work / "models").mkdir(parents=True, exist_ok=True)
+    link = work / "models" / "tiny-llava"
+    if not link.exists():
+        link.symlink_to(tiny_llava_dir, target_is_directory=True)
+    folder = root / f"{name}-config"
+    folder.mkdir(exist_ok=True)
+    return load_config(write_config(folder, data_root, work, **stage1))
+
+
+def all_rows(run_dir: Path, run_key: str) -> pa.Table:
+    tables = [shards.read_shards(folder, expected_run_key=run_key) for folder in sorted(run_dir.iterdir()) if folder.is_dir()]
+    return pa.concat_tables(tables).sort_by("sample_id")
+
+
+@pytest.fixture(scope="module")
+def reference_run(demo_setup, tiny_llava_dir, vllm_generation_engine, vllm_pooling_engine):
+    from stage1_reason.run import run_stage1
+
+    root, data_root, manifests = demo_setup
+    config = make_config(root, data_root, "work-reference", tiny_llava_dir)
+    summary = run_stage1(config, manifests, backend=vllm_generation_engine, embedder=vllm_pooling_engine)
+    return config, summary
+
+
+def test_every_manifest_row_once_with_embeddings_and_provenance(demo_setup, reference_run, tiny_llava_dir):
+    _, _, manifests = demo_setup
+    config, summary = reference_run
+    expected_ids = sorted(sid for _, path in manifests for sid in pq.read_table(path).column("sample_id").to_pylist())
+    assert len(expected_ids) == 16  # 6 train images x 2 queries + 4 val images x first query
+    rows = all_rows(summary.run_dir, summary.run_key)
+    assert rows.column("sample_id").to_pylist() == expected_ids
+    assert summary.new_rows == 16 and summary.reused_rows == 0 and summary.generated_samples == 16
+    assert rows.column("status").to_pylist() == ["ok"] * 16
+    assert rows.schema.field("embedding").type == pa.list_(pa.list_(pa.float16(), 128))
+    for i in range(rows.num_rows):
+        emb = shards.embedding_from_arrow(rows.column("embedding"), i)
+        token_ids = rows.column("token_ids")[i].as_py()
+        assert emb.dtype == np.float16 and emb.shape == (len(token_ids), 128)
+        assert 0 < len(token_ids) <= TINY_MAX_EMBED_TOKENS
+        assert np.isfinite(emb.astype(np.float32)).all() and np.abs(emb).sum() > 0
+    for name in ("reason_prompt", "reason_answer", "seg_answer", "seg_text", "seg_prompt"):
+        assert all(rows.column(name).to_pylist()), name
+    assert rows.column("seg_prompt")[0].as_py().startswith("Follow these guidelines strictly")
+    meta = pq.read_schema(next(summary.run_dir.glob("reasonseg-val/00000.parquet"))).metadata
+    meta = {k.decode(): v.decode() for k, v in meta.items()}
+    assert meta["llavaseg.run_key"] == summary.run_key
+    assert meta["llavaseg.prompt_version"] == "v1" and meta["llavaseg.embed_mode"] == "hidden"
+    assert meta["llavaseg.embedding_dim"] == "128" and meta["llavaseg.embedding_dtype"] == "float16"
+    assert meta["llavaseg.weights_fingerprint"].startswith("sha256:")
+    assert meta["llavaseg.package_version"]
+    assert (summary.run_dir / "resolved_config.json").is_file() and (summary.run_dir / "run.json").is_file()
+    assert not list(summary.run_dir.rglob("*.gen.parquet")) and not list(summary.run_dir.rglob("*.tmp"))
+
+
+def test_unchanged_config_reuses_shards_without_generation(demo_setup, reference_run, vllm_generation_engine,
+                                                          vllm_pooling_engine):
+    from stage1_reason.run import run_stage1
+
+    _, _, manifests = demo_setup
+    config, first = reference_run
+    before = {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*.parquet")}
+    again = run_stage1(config, manifests, backend=vllm_generation_engine, embedder=vllm_pooling_engine)
+    assert again.run_key == first.run_key
+    assert again.generated_samples == 0 and again.embedded_samples == 0
+    assert again.new_rows == 0 and again.reused_rows == 16
+    assert {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*.parquet")} == before
+    assert "stage 1: 0 new samples, 16 reused" in again.describe()
+
+
+def test_run_key_changes_with_what_changes_rows(demo_setup, tiny_llava_dir, monkeypatch):
+    from stage1_reason import prompts
+    from stage1_reason.run import run_dir_for
+
+    root, data_root, _ = demo_setup
+    base = make_config(root, data_root, "work-keys", tiny_llava_dir)
+    key = run_dir_for(base, str(tiny_llava_dir))[1]
+    assert key == run_dir_for(make_config(root, data_root, "work-keys", tiny_llava_dir), str(tiny_llava_dir))[1]
+    monkeypatch.setitem(prompts.PROMPTS, "v2", prompts.PromptSet("Where is {query}?", "Name it, then describe it."))
+    for change in ({"prompt_version": "v2"}, {"embed_mode": "input"}, {"cot_steps": 2}, {"max_new_tokens": 8}):
+        assert run_dir_for(make_config(root, data_root, "work-keys", tiny_llava_dir, **change), str(tiny_llava_dir))[1] != key
+    other_model = root / "other-model"
+    if not other_model.exists():
+        import shutil
+
+        shutil.copytree(tiny_llava_dir, other_model)
+        weights = next(other_model.glob("*.safetensors"))
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # other weights, same shapes and sizes
+        weights.write_bytes(bytes(data))
+    assert run_dir_for(base, str(other_model))[1] != key
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(demo_setup, reference_run, tiny_llava_dir,
+                                                         vllm_generation_engine, vllm_pooling_engine):
+    """Kill the CLI with SIGKILL once the first shard is done; the rerun completes the rest; rows equal the reference."""
+    from stage1_reason.run import run_stage1
+
+    root, data_root, manifests = demo_setup
+    config = make_config(root, data_root, "work-killed", tiny_llava_dir)
+    manifest_dir = config.work_dir / "manifests"
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    for _, path in manifests:
+        (manifest_dir / Path(path).name).write_bytes(Path(path).read_bytes())
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path = root / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llavaseg.cli", "reason", "--config", str(Path(config.base_dir) / "pipeline.toml")],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    run_dir = config.work_dir / "stage1"
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(run_dir.rglob("*.done.json")):
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+    done_before = list(run_dir.rglob("*.done.json"))
+    all_shards = 4  # 16 rows / shard_size 4
+    assert 1 <= len(done_before) < all_shards, log_path.read_text()[-3000:]
+
+    resumed = run_stage1(config, manifests, backend=vllm_generation_engine, embedder=vllm_pooling_engine)
+    _, reference = reference_run
+    assert resumed.run_key == reference.run_key
+    assert resumed.reused_rows == 4 * len(done_before) and resumed.new_rows == 16 - resumed.reused_rows
+    got, expected = all_rows(resumed.run_dir, resumed.run_key), all_rows(reference.run_dir, reference.run_key)
+    assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()  # no duplicates, none lost
+    for name in ("reason_answer", "seg_answer", "target", "attributes", "seg_text", "token_ids", "status"):
+        assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    for i in range(got.num_rows):
+        np.testing.assert_allclose(
+            shards.embedding_from_arrow(got.column("embedding"), i).astype(np.float32),
+            shards.embedding_from_arrow(expected.column("embedding"), i).astype(np.float32), atol=2e-3,
+        )
+
+
+def test_bad_rows_become_error_rows(tmp_path, demo_setup, tiny_llava_dir, vllm_generation_engine, vllm_pooling_engine):
+    """Missing image, corrupt JPEG, over-long query, empty query: error rows with messages; every other row ok."""
+    from stage1_reason.run import run_stage1
+
+    root, data_root, manifests = demo_setup
+    good = pq.read_table(dict(manifests)["reasonseg/val"]).to_pylist()
+    (data_root / "bad").mkdir(exist_ok=True)
+    corrupt = data_root / "bad" / "corrupt.jpg"
+    corrupt.write_bytes((data_root / good[0]["image_path"]).read_bytes()[:300])
+    rows = []
+    for i, row in enumerate(good):
+        rows.append(dict(row, sample_id=f"bad/val/{i}/0", dataset="bad"))
+    rows.append(dict(good[0], sample_id="bad/val/missing/0", dataset="bad", image_path="bad/missing.jpg"))
+    rows.append(dict(good[0], sample_id="bad/val/corrupt/0", dataset="bad", image_path="bad/corrupt.jpg"))
+    rows.append(dict(good[0], sample_id="bad/val/long/0", dataset="bad", query="the red circle " * 800))
+    rows.append(dict(good[0], sample_id="bad/val/empty/0", dataset="bad", query="   "))
+    manifest = tmp_path / "bad-val.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), manifest)
+    config = make_config(root, data_root, "work-bad", tiny_llava_dir, shard_size=64)
+    summary = run_stage1(config, [("bad/val", manifest)], backend=vllm_generation_engine, embedder=vllm_pooling_engine)
+    table = all_rows(summary.run_dir, summary.run_key)
+    by_id = {r["sample_id"]: r for r in table.to_pylist()}
+    assert len(by_id) == len(rows)
+    assert summary.errors == 4
+    assert "missing" in by_id["bad/val/missing/0"]["error"] and "bad/missing.jpg" in by_id["bad/val/missing/0"]["error"]
+    assert "corrupt" in by_id["bad/val/corrupt/0"]["error"] or "truncated" in by_id["bad/val/corrupt/0"]["error"]
+    assert "max_model_len" in by_id["bad/val/long/0"]["error"]
+    assert "empty query" in by_id["bad/val/empty/0"]["error"]
+    for i in range(len(good)):
+        row = by_id[f"bad/val/{i}/0"]
+        assert row["status"] == "ok" and row["error"] is None and row["token_ids"]
+    for sid in ("bad/val/missing/0", "bad/val/corrupt/0", "bad/val/long/0", "bad/val/empty/0"):
+        assert by_id[sid]["status"] == "error" and by_id[sid]["token_ids"] == [] and by_id[sid]["embedding"] == []

@@ -1,0 +1,210 @@
+"""refCOCO family adapter: ``refer_seg/<name>/refs(<splitBy>).p`` + ``instances.json`` -> manifest rows.
+
+Layout as in LISA's ``REFER`` loader: refcoco, refcoco+ and refclef use ``refs(unc).p``, refcocog ``refs(umd).p``;
+images live in ``refer_seg/images/mscoco/images/train2014`` (refcoco/+/g) or ``refer_seg/images/saiapr_tc-12``
+(refclef).
+Every sentence of every ref in the requested split is one sample; its mask is the ref's annotation (COCO polygons or
+RLE). Split matching follows REFER: ``testA``/``testB``/``testC`` also match combined splits such as ``testAB``,
+``test`` matches every test split.
+
+The refs file is a pickle (often written by Python 2). It is read with ``RestrictedUnpickler``, which builds only plain
+containers and scalars and refuses every other global, so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import pickle
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, load_coco_json
+from manifests.common import ManifestBuilder, SkipSample
+
+FAMILY = "referring"
+REFER_DIR = "refer_seg"
+
+
+@dataclass(frozen=True)
+class ReferSpec:
+    """Where one refCOCO-family dataset lives and which splits it has."""
+
+    name: str
+    split_by: str
+    image_dir: str  # relative to data_root
+    splits: tuple[str, ...]
+
+
+_COCO_IMAGES = f"{REFER_DIR}/images/mscoco/images/train2014"
+REFER_DATASETS: dict[str, ReferSpec] = {
+    "refcoco": ReferSpec("refcoco", "unc", _COCO_IMAGES, ("train", "val", "testA", "testB")),
+    "refcoco+": ReferSpec("refcoco+", "unc", _COCO_IMAGES, ("train", "val", "testA", "testB")),
+    "refcocog": ReferSpec("refcocog", "umd", _COCO_IMAGES, ("train", "val", "test")),
+    "refclef": ReferSpec(
+        "refclef", "unc", f"{REFER_DIR}/images/saiapr_tc-12", ("train", "val", "testA", "testB", "testC")
+    ),
+}
+
+# Globals a refs file may name: plain containers only. Python 2 pickles say __builtin__, Python 3 ones builtins.
+_ALLOWED_GLOBALS = {(module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that admits only plain containers and scalars (dict, list, tuple, str, bytes, numbers, set)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(
+            f"refused global '{module}.{name}': a refs file may hold only plain containers and scalars"
+        )
+
+
+def restricted_loads(data: bytes) -> Any:
+    """Unpickle ``data`` with ``RestrictedUnpickler``; Python 2 byte strings become str (UTF-8, else Latin-1)."""
+    loaded = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    return _decode_bytes(loaded)
+
+
+def _decode_bytes(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+    if isinstance(value, dict):
+        return {_decode_bytes(key): _decode_bytes(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode_bytes(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_decode_bytes(item) for item in value)
+    if isinstance(value, (set, frozenset)):
+        return type(value)(_decode_bytes(item) for item in value)
+    return value
+
+
+def load_refs(path: Path) -> list[dict]:
+    """Read a ``refs(*).p`` file safely.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        pickle.UnpicklingError: it names a global other than a plain container, or is corrupt.
+        ValueError: it is not a list of dicts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"refs file not found: {path}")
+    try:
+        refs = restricted_loads(path.read_bytes())
+    except pickle.UnpicklingError as error:
+        raise pickle.UnpicklingError(f"{path}: {error}") from error
+    except (EOFError, ValueError, TypeError, IndexError, KeyError) as error:
+        raise pickle.UnpicklingError(f"{path}: corrupt pickle ({type(error).__name__}: {error})") from error
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+        raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
+    return refs
+
+
+def split_matches(requested: str, ref_split: Any) -> bool:
+    """REFER's split rule: testA/B/C match any split containing that letter, test any test split, else equality."""
+    if not isinstance(ref_split, str):
+        return False
+    if requested in ("testA", "testB", "testC"):
+        return ref_split.startswith("test") and requested[-1] in ref_split
+    if requested == "test":
+        return "test" in ref_split
+    return ref_split == requested
+
+
+def build_refer(dataset: str, data_root: Path, split: str) -> ManifestBuilder:
+    """Read ``split`` of refcoco / refcoco+ / refcocog / refclef under ``data_root`` into a filled builder."""
+    if dataset not in REFER_DATASETS:
+        raise ValueError(f"unknown refer dataset {dataset!r}; valid: {', '.join(REFER_DATASETS)}")
+    spec = REFER_DATASETS[dataset]
+    if split not in spec.splits:
+        raise ValueError(f"{dataset} has no split {split!r}; valid: {', '.join(spec.splits)}")
+    data_root = Path(data_root)
+    dataset_dir = data_root / REFER_DIR / spec.name
+    refs = load_refs(dataset_dir / f"refs({spec.split_by}).p")
+    coco = load_coco_json(dataset_dir / "instances.json")
+    builder = ManifestBuilder(dataset, split, data_root)
+
+    refs_by_image: dict[Any, list[dict]] = defaultdict(list)
+    for position, ref in enumerate(refs):
+        if not split_matches(split, ref.get("split")):
+            continue
+        missing = [key for key in ("ref_id", "ann_id", "image_id", "sentences") if key not in ref]
+        if missing or not isinstance(ref.get("sentences"), list):
+            builder.skip("malformed ref", f"refs[{position}]: missing or bad {missing or ['sentences']}")
+            continue
+        refs_by_image[ref["image_id"]].append(ref)
+
+    for image_id in tqdm(sorted(refs_by_image, key=_id_order), desc=f"{dataset}/{split}", unit="image"):
+        image_refs = sorted(refs_by_image[image_id], key=lambda ref: _id_order(ref["ref_id"]))
+        _add_image(builder, spec, coco, image_id, image_refs)
+    return builder
+
+
+def _id_order(value: Any) -> tuple[int, Any]:
+    """Sort key for ids: integers numerically, anything else by its text after them."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def _add_image(builder: ManifestBuilder, spec: ReferSpec, coco: CocoIndex, image_id: Any, refs: list[dict]) -> None:
+    """Add every sentence of ``refs`` (all on image ``image_id``); query indices run over the image's sentences."""
+    n_sentences = sum(len(ref["sentences"]) for ref in refs)
+    image = coco.images.get(image_id)
+    if image is None:
+        builder.skip("image record missing", f"image_id {image_id!r} not in {coco.path.name}", n_sentences)
+        return
+    file_name = image.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        builder.skip("image record missing", f"image_id {image_id!r} has no file_name", n_sentences)
+        return
+    image_path = f"{spec.image_dir}/{file_name}"
+    try:
+        height, width = checked_image_size(builder, image, image_path, f"image_id {image_id!r}")
+    except SkipSample as skip:
+        builder.skip(skip.reason, skip.detail, n_sentences)
+        return
+
+    query_index = -1
+    for ref in refs:
+        where = f"ref_id {ref['ref_id']!r} (image_id {image_id!r})"
+        sentences = ref["sentences"]
+        first_index = query_index + 1
+        query_index += len(sentences)
+        annotation = coco.annotations.get(ref["ann_id"])
+        if annotation is None:
+            detail = f"{where}: ann_id {ref['ann_id']!r} not in instances.json"
+            builder.skip("annotation missing", detail, len(sentences))
+            continue
+        try:
+            mask = coco_mask_ref([annotation], height, width, where)
+        except SkipSample as skip:
+            builder.skip(skip.reason, skip.detail, len(sentences))
+            continue
+        for offset, sentence in enumerate(sentences):
+            text = sentence.get("sent") if isinstance(sentence, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                builder.skip("empty query", f"{where}: sentences[{offset}] has no text")
+                continue
+            builder.add(
+                image_id=str(image_id),
+                query_index=first_index + offset,
+                family=FAMILY,
+                image_path=image_path,
+                query=text.strip(),
+                query_kind="phrase",
+                mask=mask,
+                height=height,
+                width=width,
+                source=f"{spec.name}/refs({spec.split_by}).p {where} sentences[{offset}]",
+            )

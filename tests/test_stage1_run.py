@@ -19,7 +19,7 @@ from shared import shards
 from shared.config import load_config
 from shared.schema import MANIFEST_SCHEMA
 
-from .conftest import TINY_MAX_EMBED_TOKENS, TINY_MAX_NEW_TOKENS
+from conftest import TINY_MAX_EMBED_TOKENS, TINY_MAX_NEW_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 

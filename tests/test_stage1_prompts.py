@@ -1,0 +1,73 @@
+"""The paper's chain-of-thought prompts, rendered by the tiny LLaVA's own chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stage1_reason import prompts
+from stage1_reason.engine import load_processor
+
+MERGED = (
+    "Follow these guidelines strictly: (1) Please analyze the image and conversations and identify the distinct "
+    "physical objects or areas that the asker wants from the image. (2) Briefly describe the target entity or part's "
+    "visual attributes that can discriminate them from the image. Each visual attribute can be color, shape, and "
+    "relative position to other objects in the image."
+)
+
+
+@pytest.mark.parametrize(
+    ("query", "kind", "question"),
+    [
+        ("the red circle", "phrase", "What is the object or part that is the red circle in this image?"),
+        ("dog", "class", "What is the object or part that is dog in this image?"),
+        ("  the cup  on the left. ", "phrase", "What is the object or part that is the cup on the left in this image?"),
+        ("Which shape is the largest?", "phrase", "Which shape is the largest?"),
+        ("something people use to cut bread", "sentence", "something people use to cut bread"),
+    ],
+)
+def test_reason_question(query: str, kind: str, question: str) -> None:
+    assert prompts.reason_question(query, kind) == question
+
+
+def test_bad_inputs_are_rejected_with_their_name() -> None:
+    with pytest.raises(ValueError, match="empty query"):
+        prompts.reason_question("   ", "phrase")
+    with pytest.raises(ValueError, match="unknown prompt_version 'v0'"):
+        prompts.reason_question("dog", "class", prompt_version="v0")
+    with pytest.raises(ValueError, match="cot_steps"):
+        prompts.seg_text(4, "a", "b", "c")
+
+
+def test_version_v1_holds_the_paper_prompts() -> None:
+    assert prompts.PROMPT_VERSION == "v1"
+    assert prompts.prompt_set("v1").target_attribute_prompt == MERGED
+
+
+def test_two_turns_render_in_the_llava_template(tiny_llava_dir: Path) -> None:
+    processor = load_processor(str(tiny_llava_dir))
+    question = prompts.reason_question("the red circle", "phrase")
+    turn_one = prompts.render_prompt(processor, prompts.reason_messages(question))
+    assert turn_one == f"USER: <image>\n{question} ASSISTANT:"
+    turn_two = prompts.render_prompt(processor, prompts.target_attribute_messages(question, " It is a red circle. "))
+    assert turn_two == f"USER: <image>\n{question} ASSISTANT: It is a red circle. USER: {MERGED} ASSISTANT:"
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        (1, "It is the fire in the pit."),
+        (2, "the fire"),
+        (3, "the fire. It is bright orange, in the middle of the pit."),
+    ],
+)
+def test_seg_text_per_cot_mode(steps: int, expected: str) -> None:
+    attributes = "It is bright orange, in the middle of the pit."
+    assert prompts.seg_text(steps, " It is the fire in the pit. ", "the fire", attributes) == expected
+
+
+def test_seg_text_with_a_missing_part() -> None:
+    assert prompts.seg_text(3, "answer", "the fire", "") == "the fire"
+    assert prompts.seg_text(3, "answer", "", "bright orange") == "bright orange"
+    assert prompts.seg_text(2, "answer", "", "bright orange") == ""

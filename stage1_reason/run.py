@@ -184,8 +184,10 @@ def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: Pipeli
     """Phase 1 for one shard: both CoT turns, written atomically to the shard's gen file. Returns rows generated."""
     from stage1_reason.engine import run_chain_of_thought
 
+    started = time.perf_counter()
     samples = _load_samples(rows, config.data_root)
     outputs = run_chain_of_thought(backend, samples, config.stage1.cot_steps, config.stage1.prompt_version)
+    seconds = time.perf_counter() - started
     table = pa.Table.from_pylist(
         [
             {
@@ -203,7 +205,7 @@ def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: Pipeli
             }
             for out in outputs
         ],
-        schema=GEN_SCHEMA,
+        schema=GEN_SCHEMA.with_metadata({"generate_seconds": f"{seconds:.3f}"}),
     )
     path = gen_path(task)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +223,7 @@ def embed_shard(
 
     started = time.perf_counter()
     generated = pq.read_table(gen_path(task))
+    generate_seconds = float((generated.schema.metadata or {}).get(b"generate_seconds", b"0"))
     gen_rows = {row["sample_id"]: row for row in generated.to_pylist()}
     manifest_rows = rows.to_pylist()
     missing = [r["sample_id"] for r in manifest_rows if r["sample_id"] not in gen_rows]
@@ -275,6 +278,7 @@ def embed_shard(
         "errors": sum(r["status"] == "error" for r in records),
         "generated_tokens": int(sum(r["generated_tokens"] or 0 for r in records)),
         "embedded_tokens": int(sum(len(r["token_ids"]) for r in records)),
+        "generate_seconds": round(generate_seconds, 3),
         "embed_seconds": round(time.perf_counter() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

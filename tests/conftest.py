@@ -100,3 +100,14 @@ def draw_demo():
 def demo_images() -> list[tuple[Image.Image, str]]:
     """Eight demo-like (image, phrase) pairs of varied sizes."""
     return [draw_demo_image(seed, (120 + 13 * seed, 100 + 7 * seed)) for seed in range(8)]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster (2 CPUs) for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

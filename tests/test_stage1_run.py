@@ -224,3 +224,21 @@ def test_bad_rows_become_error_rows(tmp_path, demo_setup, tiny_llava_dir, vllm_g
         assert row["status"] == "ok" and row["error"] is None and row["token_ids"]
     for sid in ("bad/val/missing/0", "bad/val/corrupt/0", "bad/val/long/0", "bad/val/empty/0"):
         assert by_id[sid]["status"] == "error" and by_id[sid]["token_ids"] == [] and by_id[sid]["embedding"] == []
+
+
+def test_ray_data_actor_pool_gives_the_same_shards(demo_setup, reference_run, tiny_llava_dir, ray_cluster):
+    """stage1.use_ray: one CPU replica on the local Ray cluster writes the same exactly-once shards as the local path."""
+    from stage1_reason.run import run_stage1
+
+    root, data_root, manifests = demo_setup
+    config = make_config(root, data_root, "work-ray", tiny_llava_dir, use_ray=True, replicas=1)
+    summary = run_stage1(config, manifests)
+    _, reference = reference_run
+    assert summary.run_key == reference.run_key
+    assert summary.new_rows == 16 and summary.generated_samples == 16
+    got, expected = all_rows(summary.run_dir, summary.run_key), all_rows(reference.run_dir, reference.run_key)
+    assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()
+    for name in ("reason_answer", "seg_answer", "seg_text", "token_ids", "status"):
+        assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    again = run_stage1(config, manifests)
+    assert again.generated_samples == 0 and again.reused_rows == 16

@@ -68,6 +68,19 @@ def reason(config: PipelineConfig, manifests: list[ManifestEntry], overwrite: bo
     return run_stage1(config, [(m.spec, m.path) for m in manifests], overwrite=overwrite)
 
 
+def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs: list[str]) -> list:
+    """The stage-2 view of stage 1's output for ``specs``: manifest + shard folder + run key (stage 2 never runs the LLM)."""
+    from stage1_reason.run import manifest_folder, run_dir_for
+    from stage2_segment.data import Stage2Source
+
+    run_dir, key, _ = run_dir_for(config)
+    by_spec = {m.spec: m for m in manifests}
+    missing = [spec for spec in specs if spec not in by_spec]
+    if missing:
+        raise ValueError(f"no manifest for {missing}; configured: {sorted(by_spec)}")
+    return [Stage2Source(spec, by_spec[spec].path, manifest_folder(run_dir, spec), key) for spec in specs]
+
+
 def run_all(config: PipelineConfig) -> None:
     started = time.perf_counter()
     manifests = prepare(config)

@@ -17,6 +17,8 @@ from typing import Any
 from manifests.common import ManifestBuilder, SkipSample
 from shared.masks import COCO_COORDINATE_LIMIT, MaskError, coco_mask, mask_ref_json
 
+MAX_ID_LENGTH = 256
+
 
 @dataclass(frozen=True)
 class CocoIndex:
@@ -41,7 +43,7 @@ def load_coco_json(path: Path) -> CocoIndex:
     try:
         with path.open("rb") as handle:
             data = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # bad JSON or encoding, an absurd integer, absurd nesting
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level is {type(data).__name__}, expected an object")
@@ -64,8 +66,17 @@ def _by_id(records: list, path: Path, key: str) -> dict[Any, dict]:
     for position, record in enumerate(records):
         if not isinstance(record, dict) or "id" not in record:
             raise ValueError(f"{path}: {key}[{position}] has no 'id'")
+        if not is_record_id(record["id"]):
+            raise ValueError(f"{path}: {key}[{position}] has an 'id' of type {type(record['id']).__name__}")
         indexed[record["id"]] = record
     return indexed
+
+
+def is_record_id(value: Any) -> bool:
+    """An id a dataset may use for images, annotations, categories and refs: an int64 or a short string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH
 
 
 def _is_number(value: Any) -> bool:
@@ -102,8 +113,15 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> str | No
                 return f"polygon {index} has a coordinate beyond +-{COCO_COORDINATE_LIMIT:g}"
             if len(polygon) % 2:
                 return f"polygon {index} has an odd number of coordinates ({len(polygon)})"
+            if len(polygon) >= 6 and (_outside(polygon[0::2], width) or _outside(polygon[1::2], height)):
+                return f"polygon {index} lies entirely outside the {height}x{width} image"
         return None
     return f"segmentation is {type(segmentation).__name__}, expected a polygon list or an RLE dict"
+
+
+def _outside(coordinates: list, size: int) -> bool:
+    """Every x (or every y) left of (above) the image or at/after its far edge: the polygon draws no pixel."""
+    return max(coordinates) < 0 or min(coordinates) >= size
 
 
 def coco_mask_ref(annotations: list[dict], height: int, width: int, where: str) -> str:

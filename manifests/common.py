@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -159,6 +160,19 @@ class ManifestBuilder:
         }
         self._sources[sample_id] = source
         return sample_id
+
+    def add_unless_duplicate(self, **row: Any) -> str | None:
+        """``add`` one row, but count a repeated ``sample_id`` as skipped ("duplicate sample_id", naming both sources)
+        instead of raising: the first row is kept and one bad record does not stop the whole manifest.
+
+        Raises:
+            ManifestRowError: as ``add``.
+        """
+        try:
+            return self.add(**row)
+        except DuplicateSampleIdError as error:
+            self.skip("duplicate sample_id", str(error))
+            return None
 
     def skip(self, reason: str, where: str, count: int = 1) -> None:
         """Count ``count`` skipped samples under ``reason``; keep the first few ``where`` strings as examples."""

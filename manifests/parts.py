@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, load_coco_json
+from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, is_record_id, load_coco_json
 from manifests.common import ManifestBuilder, SkipSample
 
 FAMILY = "semantic"
@@ -79,9 +79,11 @@ def build_parts(dataset: str, data_root: Path, split: str) -> ManifestBuilder:
     annotations_by_image: dict[Any, dict[Any, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for annotation_id, annotation in coco.annotations.items():
         image_id, category_id = annotation.get("image_id"), annotation.get("category_id")
-        if image_id not in coco.images:
+        if not is_record_id(image_id) or image_id not in coco.images:
             where = f"annotation {annotation_id!r}: image_id {image_id!r} not in {coco.path.name}"
             builder.skip("image record missing", where)
+        elif not is_record_id(category_id):
+            builder.skip("unknown category", f"annotation {annotation_id!r}: category_id {category_id!r}")
         elif category_id in bad_categories:
             builder.skip("bad category name", f"annotation {annotation_id!r}: {bad_categories[category_id]}")
         elif category_id not in queries:
@@ -127,7 +129,7 @@ def _add_image(
         except SkipSample as skip:
             builder.skip(skip.reason, skip.detail, skip.count)
             continue
-        builder.add(
+        builder.add_unless_duplicate(
             image_id=str(image_id),
             query_index=category_id,
             family=FAMILY,

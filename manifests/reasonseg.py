@@ -44,7 +44,7 @@ def read_json_lenient(path: Path) -> Any:
             raise ValueError(f"{path}: neither UTF-8 nor cp1252 ({error})") from error
     try:
         return json.loads(text)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:  # bad JSON, an absurd integer, absurd nesting
         raise ValueError(f"{path}: invalid JSON ({error})") from error
 
 
@@ -81,6 +81,24 @@ def mask_shapes(shapes: Any, where: str) -> list[dict]:
     if not kept:
         raise SkipSample("no polygon", f"{where}: no shape other than 'flag'")
     return kept
+
+
+def check_shapes_inside(shapes: list[dict], height: int, width: int, where: str) -> None:
+    """Every shape must reach into the ``height`` x ``width`` image; one that lies entirely outside it (points as LISA
+    casts them, truncated to int32) draws nothing and means the annotation does not belong to this image.
+
+    Raises:
+        SkipSample: "polygon outside image", naming the shape's label and extent.
+    """
+    for shape in shapes:
+        xs = [int(x) for x, _ in shape["points"]]
+        ys = [int(y) for _, y in shape["points"]]
+        if max(xs) < 0 or min(xs) >= width or max(ys) < 0 or min(ys) >= height:
+            raise SkipSample(
+                "polygon outside image",
+                f"{where}: shape {shape['label']!r} spanning x {min(xs)}..{max(xs)}, y {min(ys)}..{max(ys)} lies "
+                f"entirely outside the {height}x{width} image",
+            )
 
 
 def load_explanations(path: Path) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
@@ -169,6 +187,7 @@ def _add_image(
     try:
         shapes = mask_shapes(annotation["shapes"], where)
         height, width = builder.image_size(image_rel, where)
+        check_shapes_inside(shapes, height, width, where)
     except SkipSample as skip:
         raise skip.times(len(queries)) from None
     mask = mask_ref_json({"type": "reasonseg", "shapes": shapes})
@@ -179,7 +198,7 @@ def _add_image(
             builder.skip("empty query", f"{where}: text[{query_index}] = {query!r}")
             continue
         query = query.strip()
-        builder.add(
+        builder.add_unless_duplicate(
             image_id=name,
             query_index=query_index,
             family=FAMILY,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import io
 import pickle
+import pickletools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, load_coco_json
+from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, is_record_id, load_coco_json
 from manifests.common import ManifestBuilder, SkipSample
 
 FAMILY = "referring"
@@ -54,6 +55,52 @@ REFER_DATASETS: dict[str, ReferSpec] = {
 _ALLOWED_GLOBALS = {(module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")}
 
 
+# Opcodes that plain containers and scalars pickle to, protocols 0-4 (Python 2 and 3 writers); GLOBAL/STACK_GLOBAL
+# + REDUCE only ever call what ``find_class`` admits (set, frozenset). Opcodes that build arbitrary objects (INST, OBJ,
+# NEWOBJ, BUILD), extension codes, persistent ids and out-of-band buffers are refused before unpickling starts.
+_ALLOWED_OPCODES = frozenset(
+    {
+        "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+        "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4",
+        "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+        "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+        "EMPTY_LIST", "LIST", "APPEND", "APPENDS", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+        "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "ADDITEMS", "FROZENSET",
+        "GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+        "GLOBAL", "STACK_GLOBAL", "REDUCE",
+    }
+)  # fmt: skip
+_MEMO_INDEX_OPCODES = frozenset({"GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def check_pickle_opcodes(data: bytes) -> None:
+    """Walk the opcodes of ``data`` without building anything; refuse what a plain-container pickle never holds.
+
+    Besides the opcode allow-list, every memo index must be below the number of opcodes read so far (a writer numbers
+    them from 0), and every length prefix must be backed by the bytes that follow: a corrupt or hostile file then cannot
+    make the unpickler allocate memory out of proportion to its size.
+
+    Raises:
+        pickle.UnpicklingError: naming the opcode and its byte offset, or what is malformed.
+    """
+    count = 0
+    try:
+        for opcode, argument, position in pickletools.genops(data):
+            count += 1
+            if opcode.name not in _ALLOWED_OPCODES:
+                raise pickle.UnpicklingError(
+                    f"opcode {opcode.name} at byte {position} is not allowed: a refs file holds only plain containers"
+                )
+            if opcode.name in _MEMO_INDEX_OPCODES and not 0 <= argument < count:
+                raise pickle.UnpicklingError(f"memo index {argument} at byte {position} is out of range")
+            if opcode.name == "FRAME" and argument > len(data) - position:
+                raise pickle.UnpicklingError(f"frame of {argument} bytes at byte {position} runs past the end")
+    except pickle.UnpicklingError:
+        raise
+    except (ValueError, EOFError, TypeError) as error:  # truncated, unknown opcode, malformed argument
+        raise pickle.UnpicklingError(f"corrupt pickle ({error})") from error
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that admits only plain containers and scalars (dict, list, tuple, str, bytes, numbers, set)."""
 
@@ -66,9 +113,22 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_loads(data: bytes) -> Any:
-    """Unpickle ``data`` with ``RestrictedUnpickler``; Python 2 byte strings become str (UTF-8, else Latin-1)."""
-    loaded = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    return _decode_bytes(loaded)
+    """Unpickle ``data`` with ``RestrictedUnpickler`` after ``check_pickle_opcodes``; Python 2 byte strings become str
+    (UTF-8, else Latin-1).
+
+    Raises:
+        pickle.UnpicklingError: a refused opcode or global, or a corrupt or absurdly nested pickle.
+    """
+    check_pickle_opcodes(data)
+    try:
+        loaded = RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+        return _decode_bytes(loaded)
+    except pickle.UnpicklingError:
+        raise
+    except RecursionError as error:
+        raise pickle.UnpicklingError("corrupt pickle: containers nested too deeply") from error
+    except Exception as error:  # a well-formed opcode stream can still be nonsense (APPEND to a str, a bad set item)
+        raise pickle.UnpicklingError(f"corrupt pickle ({type(error).__name__}: {error})") from error
 
 
 def _decode_bytes(value: Any) -> Any:
@@ -88,12 +148,17 @@ def _decode_bytes(value: Any) -> Any:
     return value
 
 
+class RefsFileError(pickle.UnpicklingError, ValueError):
+    """A refs file that is refused or corrupt; a ValueError too, so callers that report bad input report it."""
+
+
 def load_refs(path: Path) -> list[dict]:
     """Read a ``refs(*).p`` file safely.
 
     Raises:
         FileNotFoundError: the file is missing.
-        pickle.UnpicklingError: it names a global other than a plain container, or is corrupt.
+        RefsFileError (a pickle.UnpicklingError and a ValueError): it names a global other than a plain container, holds
+            a refused opcode, or is corrupt; the message names the file.
         ValueError: it is not a list of dicts.
     """
     path = Path(path)
@@ -102,9 +167,7 @@ def load_refs(path: Path) -> list[dict]:
     try:
         refs = restricted_loads(path.read_bytes())
     except pickle.UnpicklingError as error:
-        raise pickle.UnpicklingError(f"{path}: {error}") from error
-    except (EOFError, ValueError, TypeError, IndexError, KeyError) as error:
-        raise pickle.UnpicklingError(f"{path}: corrupt pickle ({type(error).__name__}: {error})") from error
+        raise RefsFileError(f"{path}: {error}") from error
     if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
         raise ValueError(f"{path}: expected a list of ref dicts, got {type(refs).__name__}")
     return refs
@@ -138,9 +201,11 @@ def build_refer(dataset: str, data_root: Path, split: str) -> ManifestBuilder:
     for position, ref in enumerate(refs):
         if not split_matches(split, ref.get("split")):
             continue
-        missing = [key for key in ("ref_id", "ann_id", "image_id", "sentences") if key not in ref]
-        if missing or not isinstance(ref.get("sentences"), list):
-            builder.skip("malformed ref", f"refs[{position}]: missing or bad {missing or ['sentences']}")
+        bad = [key for key in ("ref_id", "ann_id", "image_id") if not is_record_id(ref.get(key))]
+        if not isinstance(ref.get("sentences"), list):
+            bad.append("sentences")
+        if bad:
+            builder.skip("malformed ref", f"refs[{position}]: missing or bad {bad}")
             continue
         refs_by_image[ref["image_id"]].append(ref)
 
@@ -196,7 +261,7 @@ def _add_image(builder: ManifestBuilder, spec: ReferSpec, coco: CocoIndex, image
             if not isinstance(text, str) or not text.strip():
                 builder.skip("empty query", f"{where}: sentences[{offset}] has no text")
                 continue
-            builder.add(
+            builder.add_unless_duplicate(
                 image_id=str(image_id),
                 query_index=first_index + offset,
                 family=FAMILY,

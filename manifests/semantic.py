@@ -117,7 +117,7 @@ def _add_label_samples(builder: ManifestBuilder, sample: LabelSample, scheme: La
     ignore_values = sorted({scheme.unlabeled, *unknown, *(v for v in present if v in scheme.ignored_classes)})
     for value in queried:
         mask = {"type": "label_png", "path": sample.label_path, "class_values": [value], "ignore_values": ignore_values}
-        builder.add(
+        builder.add_unless_duplicate(
             image_id=sample.image_id,
             query_index=value,
             family=FAMILY,

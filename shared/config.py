@@ -92,6 +92,8 @@ class Stage2Config:
     precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
     seed: int = 0
     eval_batch: int = 8
+    loader_workers: int = 0  # data-loading processes per training worker; 0 = load in the training process
+    keep_checkpoints: int = 3  # newest complete checkpoints kept in <work_dir>/stage2/<train name>/checkpoints
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ class ShardError(ValueError):
     """A shard that cannot be used as data: truncated, from another run, or of another schema version."""
 
 
+class ShardWriteError(OSError):
+    """A shard or its done file could not be written (disk full, file size limit, permissions...).
+
+    ``errno`` is the OS error's; the message names the file. Nothing half-written is left under the final name, and no
+    done file is written, so a rerun redoes the shard.
+    """
+
+
 def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
     """Stage-1 shard schema. ``embedding`` is float16 [n_tokens, dim], empty (0 x dim) in ``input`` mode or on error."""
     fields = [
@@ -108,23 +116,45 @@ def embedding_from_arrow(column: pa.ListArray | pa.ChunkedArray, row: int) -> np
     return flat.reshape(-1, dim)
 
 
-def write_shard(table: pa.Table, shard_path: Path, stats: dict[str, Any]) -> None:
-    """Write ``table`` to ``shard_path`` atomically, then the done file (stats + row ids digest) last."""
-    shard_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = shard_path.with_name(shard_path.name + TMP_SUFFIX)
+def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -> None:
+    """Write ``table`` as Parquet to a temporary name beside ``path``, fsync, rename: ``path`` is whole or absent.
+
+    Raises:
+        ShardWriteError: naming ``path`` and the OS error (the temporary file is removed).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression=compression)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, shard_path)
+        os.replace(tmp, path)
+    except OSError as error:  # pyarrow reports write failures as OSError without the file name
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, error) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_shard(table: pa.Table, shard_path: Path, stats: dict[str, Any]) -> None:
+    """Write ``table`` to ``shard_path`` atomically, then the done file (stats + row ids digest) last.
+
+    Raises:
+        ShardWriteError: the shard or its done file could not be written (named, with the OS error); the shard is then
+            not done, and a rerun redoes it.
+    """
+    write_table_atomic(table, shard_path)
     stats = dict(stats, rows=table.num_rows, ids_digest=ids_digest(table.column("sample_id").to_pylist()))
     write_json_atomic(done_path(shard_path), stats)
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to a temporary name, fsync, rename.
+
+    Raises:
+        ShardWriteError: naming ``path`` and the OS error (the temporary file is removed).
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "w") as f:
@@ -133,9 +163,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, error) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, error: OSError) -> ShardWriteError:
+    if isinstance(error, ShardWriteError):
+        return error
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return ShardWriteError(error.errno, f"{path}: could not be written ({reason}); not marked done, a rerun redoes it")
 
 
 def read_done(shard_path: Path) -> dict[str, Any] | None:
@@ -148,10 +188,26 @@ def read_done(shard_path: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_done(shard_path: Path, expected_ids: list[str]) -> bool:
-    """True when the shard is complete and covers exactly ``expected_ids``."""
+def is_done(shard_path: Path, expected_ids: list[str], expected_run_key: str | None = None) -> bool:
+    """True when the shard is complete and covers exactly ``expected_ids``.
+
+    Beyond the done file, the Parquet footer must read back with the done file's row count, the shard schema version
+    this code writes (when the file carries one) and, if given, ``expected_run_key``. Only the footer is read, so a
+    shard damaged or replaced after it was marked done is redone instead of being skipped forever.
+    """
     done = read_done(shard_path)
-    return bool(done) and shard_path.is_file() and done.get("ids_digest") == ids_digest(expected_ids)
+    if not done or not shard_path.is_file() or done.get("ids_digest") != ids_digest(expected_ids):
+        return False
+    try:
+        footer = pq.read_metadata(shard_path)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (footer.metadata or {}).items()}
+    if footer.num_rows != done.get("rows"):
+        return False
+    if meta.get("llavaseg.shard_schema_version", str(SHARD_SCHEMA_VERSION)) != str(SHARD_SCHEMA_VERSION):
+        return False
+    return expected_run_key is None or meta.get("llavaseg.run_key") == expected_run_key
 
 
 def clean_stale_temp_files(folder: Path) -> list[Path]:
@@ -179,7 +235,8 @@ def open_shard(shard_path: Path, expected_run_key: str | None = None) -> pq.Parq
         pf = pq.ParquetFile(shard_path)
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{shard_path}: unreadable Parquet ({err})") from None
-    meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
+    raw_meta = pf.schema_arrow.metadata or {}
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw_meta.items()}
     version = meta.get("llavaseg.shard_schema_version")
     if version != str(SHARD_SCHEMA_VERSION):
         raise ShardError(f"{shard_path}: shard schema version {version!r}, this code reads {SHARD_SCHEMA_VERSION}")

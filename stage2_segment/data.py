@@ -1,0 +1,495 @@
+"""Stage-2 data: manifests joined with stage-1 shards, examples for SAM, the training mix by family, batching.
+
+A ``Stage2Source`` names one ``<dataset>/<split>`` manifest and its stage-1 shard folder. ``build_index`` joins the two
+on ``sample_id`` using only the small columns (the embeddings stay on disk); stage-1 error rows, shard rows whose sample
+is not in the manifest and manifest rows that stage 1 has not produced are skipped, counted and logged with reasons.
+``Stage2Dataset`` turns an index row into an example: the image (``load_rgb`` + ``preprocess_image``), the ground-truth
+mask (``rasterize`` + ``preprocess_mask``), and the text embedding as stored, float16 NxD (or, in ``input`` mode, the
+rows of ``input_embeddings.safetensors`` selected by the token ids). Embeddings are read from an uncompressed Arrow copy
+of each shard that is memory-mapped (``ShardStore``), so a worker touches only the rows it uses.
+``MixtureSampler`` draws training examples by family (LISA: semantic 9 : referring 3 : reasoning 1), deterministically
+from (seed, rank, step); ``collate`` pads the text to the batch's longest row and returns the mask (True = real token).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import torch
+
+from shared.images import ImageLoadError, load_rgb
+from shared.masks import MaskError, rasterize
+from shared.paths import PathEscapeError, resolve_inside
+from shared.shards import ShardError, embedding_from_arrow, list_shards, open_shard, read_done
+from stage2_segment.preprocess import preprocess_image, preprocess_mask
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    "sample_id", "dataset", "family", "split", "image_path", "image_id", "query", "query_kind", "mask", "height",
+    "width",
+]  # fmt: skip
+SHARD_INDEX_COLUMNS = ["sample_id", "target", "attributes", "seg_text", "status", "error"]
+INPUT_EMBEDDINGS_FILE = "input_embeddings.safetensors"
+INPUT_EMBEDDINGS_TENSOR = "input_embeddings"
+EMBED_MODES = ("hidden", "input")
+ARROW_ONLY_COLUMNS = ("mask", "query", "target", "attributes", "seg_text", "error")
+
+
+@dataclass(frozen=True)
+class Stage2Source:
+    """One manifest and its stage-1 shards.
+
+    Attributes:
+        spec: ``"<dataset>/<split>"``, e.g. ``"reasonseg/train"``.
+        manifest: the manifest Parquet file.
+        shard_dir: that manifest's shard folder, ``<work_dir>/stage1/<run_key>/<dataset>-<split>/``; in ``input``
+            embedding mode its parent (the run folder) holds ``input_embeddings.safetensors``.
+        run_key: the stage-1 run key every shard must carry in its metadata.
+    """
+
+    spec: str
+    manifest: Path
+    shard_dir: Path
+    run_key: str
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Where one shard's embeddings live and how to read them."""
+
+    path: str
+    run_key: str
+    embed_mode: str  # hidden | input
+    input_table: str  # input_embeddings.safetensors in input mode, else ""
+
+
+@dataclass
+class JoinReport:
+    """Counts of one source's join, with examples of stage-1 errors."""
+
+    spec: str
+    joined: int = 0
+    stage1_errors: int = 0
+    not_in_manifest: int = 0
+    without_stage1_row: int = 0
+    unfinished_shards: int = 0
+    error_examples: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = (
+            f"{self.spec}: {self.joined} samples; skipped {self.stage1_errors} stage-1 error rows, "
+            f"{self.not_in_manifest} shard rows not in the manifest, {self.without_stage1_row} manifest rows without "
+            f"a stage-1 row, {self.unfinished_shards} unfinished shards"
+        )
+        if self.error_examples:
+            top = sorted(self.error_examples.items(), key=lambda item: -item[1])[:3]
+            text += "; stage-1 errors: " + "; ".join(f"{count} x {message[:120]!r}" for message, count in top)
+        return text
+
+
+@dataclass
+class Stage2Index:
+    """The joined rows of all sources (sorted by spec order, then sample_id) and the shards they point into.
+
+    ``table`` columns: the manifest's (``MANIFEST_COLUMNS``), the shard's ``target``/``attributes``/``seg_text``/
+    ``status``/``error``, plus ``spec``, ``shard`` (index into ``shards``) and ``shard_row``.
+    """
+
+    table: pa.Table
+    shards: list[ShardRef]
+    llm_dim: int
+    reports: list[JoinReport]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+
+class ExampleError(ValueError):
+    """One sample that cannot be turned into an example (image or mask unusable); the message names it."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _schema_metadata(parquet_file: pq.ParquetFile) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in (parquet_file.schema_arrow.metadata or {}).items()}
+
+
+def _input_table_path(source: Stage2Source) -> Path:
+    for folder in (source.shard_dir.parent, source.shard_dir):
+        if (folder / INPUT_EMBEDDINGS_FILE).is_file():
+            return folder / INPUT_EMBEDDINGS_FILE
+    raise FileNotFoundError(
+        f"{source.spec}: shards are in 'input' embedding mode but {INPUT_EMBEDDINGS_FILE} is in neither "
+        f"{source.shard_dir.parent} nor {source.shard_dir}"
+    )
+
+
+def _input_table_dim(path: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return int(handle.get_slice(INPUT_EMBEDDINGS_TENSOR).get_shape()[1])
+
+
+def join_source(
+    source: Stage2Source, shard_offset: int = 0, max_samples: int = 0, keep_errors: bool = False
+) -> tuple[pa.Table, list[ShardRef], int, JoinReport]:
+    """Join one manifest with its done shards on sample_id.
+
+    Returns (joined rows, the shards they point into, embedding dim, report). ``max_samples`` > 0 keeps the first N
+    manifest rows by sample_id, as stage 1 does. Stage-1 error rows are dropped unless ``keep_errors`` (inference
+    reports them as rows). Shards of another run or schema version raise ``ShardError``.
+    """
+    report = JoinReport(source.spec)
+    manifest = pq.read_table(source.manifest, columns=MANIFEST_COLUMNS).sort_by("sample_id")
+    if max_samples > 0:
+        manifest = manifest.slice(0, max_samples)
+    parts, refs, dims = [], [], set()
+    for path in list_shards(Path(source.shard_dir)):
+        if read_done(path) is None:
+            report.unfinished_shards += 1
+            continue
+        parquet_file = open_shard(path, source.run_key)
+        metadata = _schema_metadata(parquet_file)
+        mode = metadata.get("llavaseg.embed_mode", "hidden")
+        if mode not in EMBED_MODES:
+            raise ShardError(f"{path}: unknown embed mode {mode!r} in its metadata")
+        input_table = str(_input_table_path(source)) if mode == "input" else ""
+        if mode == "input":
+            dims.add(_input_table_dim(Path(input_table)))
+        else:
+            dims.add(parquet_file.schema_arrow.field("embedding").type.value_type.list_size)
+        rows = parquet_file.read(columns=SHARD_INDEX_COLUMNS)
+        rows = rows.append_column("shard", pa.array(np.full(rows.num_rows, shard_offset + len(refs), np.int32)))
+        rows = rows.append_column("shard_row", pa.array(np.arange(rows.num_rows, dtype=np.int32)))
+        parts.append(rows)
+        refs.append(ShardRef(str(path), source.run_key, mode, input_table))
+    if len(dims) > 1:
+        raise ShardError(f"{source.shard_dir}: shards disagree on the embedding dim ({sorted(dims)})")
+    if not parts:
+        raise ShardError(f"{source.shard_dir}: no done stage-1 shards for {source.spec}")
+    shard_rows = pa.concat_tables(parts)
+    in_manifest = pc.is_in(shard_rows["sample_id"], value_set=manifest["sample_id"])
+    report.not_in_manifest = shard_rows.num_rows - _count_true(in_manifest)
+    report.without_stage1_row = manifest.num_rows - _count_true(
+        pc.is_in(manifest["sample_id"], value_set=shard_rows["sample_id"])
+    )
+    usable = shard_rows.filter(in_manifest)
+    is_error = pc.not_equal(usable["status"], "ok")
+    errors = usable.filter(is_error)
+    report.stage1_errors = errors.num_rows
+    report.error_examples = dict(collections.Counter(str(e) for e in errors["error"].to_pylist()))
+    if not keep_errors:
+        usable = usable.filter(pc.invert(is_error))
+    joined = usable.join(manifest, keys="sample_id", join_type="inner").sort_by("sample_id")
+    joined = joined.append_column("spec", pa.array([source.spec] * joined.num_rows, pa.string()))
+    report.joined = joined.num_rows
+    return joined, refs, dims.pop(), report
+
+
+def _count_true(mask: pa.ChunkedArray | pa.Array) -> int:
+    return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
+
+
+def build_index(
+    sources: Sequence[Stage2Source], max_samples_per_manifest: int = 0, keep_errors: bool = False
+) -> Stage2Index:
+    """Join every source; log each source's counts. Raises ValueError when the sources disagree on the embedding dim
+    or nothing is left to use."""
+    tables, refs, reports, dims = [], [], [], {}
+    for source in sources:
+        table, source_refs, dim, report = join_source(source, len(refs), max_samples_per_manifest, keep_errors)
+        logger.info("%s", report.describe())
+        tables.append(table)
+        refs.extend(source_refs)
+        reports.append(report)
+        dims[source.spec] = dim
+    if not sources:
+        raise ValueError("no stage-2 sources given")
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"stage-1 embedding dims differ between sources: {dims}")
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        raise ValueError("no usable samples: " + " | ".join(report.describe() for report in reports))
+    return Stage2Index(table, refs, next(iter(dims.values())), reports)
+
+
+class ShardStore:
+    """Per-process access to the stage-1 embeddings of done shards.
+
+    With a ``cache_dir``, each shard's ``token_ids`` and ``embedding`` columns are written once as an uncompressed Arrow
+    IPC file (under the run key and the shard folder's name + a hash of its path, named by a fingerprint of the shard's
+    done file, size and mtime, so a rewritten shard gets a new copy) and
+    memory-mapped: reading a row is zero-copy and the OS pages in only what is touched. Without one, the columns are
+    read into memory. At most ``max_open`` shards are kept open.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, max_open: int = 256) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.max_open = max_open
+        self._columns: collections.OrderedDict[str, tuple[pa.ListArray, pa.ListArray]] = collections.OrderedDict()
+        self._input_tables: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # opened maps stay in their process
+        return {"cache_dir": self.cache_dir, "max_open": self.max_open}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["cache_dir"], state["max_open"])
+
+    def _cached_copy(self, ref: ShardRef) -> Path:
+        shard = Path(ref.path)
+        stat = shard.stat()
+        done_text = shard.with_name(shard.name.replace(".parquet", ".done.json")).read_bytes()
+        fingerprint = hashlib.sha256(done_text + f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        where = hashlib.sha256(str(shard.parent.resolve()).encode()).hexdigest()[:8]
+        folder = self.cache_dir / ref.run_key / f"{shard.parent.name}-{where}"
+        target = folder / f"{shard.stem}-{fingerprint}.arrow"
+        if target.is_file():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        table = pq.read_table(shard, columns=["token_ids", "embedding"]).combine_chunks()
+        temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        with ipc.new_file(temporary, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(1, table.num_rows))
+        os.replace(temporary, target)
+        for stale in folder.glob(f"{shard.stem}-*.arrow"):
+            if stale != target:
+                stale.unlink(missing_ok=True)
+        return target
+
+    def _open(self, ref: ShardRef) -> tuple[pa.ListArray, pa.ListArray]:
+        if ref.path in self._columns:
+            self._columns.move_to_end(ref.path)
+            return self._columns[ref.path]
+        if self.cache_dir is not None:
+            table = ipc.open_file(pa.memory_map(str(self._cached_copy(ref)))).read_all()
+        else:
+            table = pq.read_table(ref.path, columns=["token_ids", "embedding"]).combine_chunks()
+        columns = tuple(
+            table[name].chunk(0) if table[name].num_chunks == 1 else table[name].combine_chunks()
+            for name in ("token_ids", "embedding")
+        )
+        self._columns[ref.path] = columns
+        if len(self._columns) > self.max_open:
+            self._columns.popitem(last=False)
+        return columns
+
+    def _input_table(self, path: str) -> np.ndarray:
+        if path not in self._input_tables:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="numpy") as handle:
+                self._input_tables[path] = handle.get_tensor(INPUT_EMBEDDINGS_TENSOR).astype(np.float16, copy=False)
+        return self._input_tables[path]
+
+    def text_embedding(self, ref: ShardRef, row: int) -> np.ndarray:
+        """NxD float16 embedding of one shard row (a zero-copy view in ``hidden`` mode)."""
+        token_ids, embedding = self._open(ref)
+        if ref.embed_mode == "hidden":
+            return embedding_from_arrow(embedding, row)
+        table = self._input_table(ref.input_table)
+        ids = token_ids[row].values.to_numpy(zero_copy_only=False).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise ShardError(f"{ref.path} row {row}: token id outside the input embedding table [0, {table.shape[0]})")
+        return table[ids]
+
+
+class Stage2Dataset(torch.utils.data.Dataset):
+    """Examples of a ``Stage2Index``: SAM inputs, labels and text embeddings.
+
+    Decoded, preprocessed images are kept in a small LRU cache keyed by image path, and ``load_batch`` loads each
+    distinct image of a batch once, so several queries of one image share one decode (``image_loads`` counts decodes).
+    """
+
+    def __init__(
+        self, index: Stage2Index, data_root: Path, image_size: int, store: ShardStore | None = None,
+        image_cache_size: int = 16,
+    ) -> None:  # fmt: skip
+        self.index = index
+        self.data_root = Path(data_root)
+        self.image_size = image_size
+        self.store = store or ShardStore()
+        self.image_cache_size = image_cache_size
+        # Short columns as Python lists for fast per-item access; long text (mask JSON, answers) stays in Arrow.
+        self.rows = {
+            name: index.table[name].to_pylist() for name in index.table.column_names if name not in ARROW_ONLY_COLUMNS
+        }
+        self.image_loads = 0
+        self._image_cache: collections.OrderedDict[str, Any] = collections.OrderedDict()  # path -> image()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def where(self, i: int) -> str:
+        return f"{self.rows['sample_id'][i]} ({self.rows['image_path'][i]})"
+
+    def value(self, name: str, i: int) -> Any:
+        """Column ``name`` of row ``i``."""
+        return self.rows[name][i] if name in self.rows else self.index.table[name][i].as_py()
+
+    def info(self, i: int) -> dict[str, Any]:
+        """Every column of row ``i`` (sample_id, dataset, query, target, attributes, ...)."""
+        return {name: self.value(name, i) for name in self.index.table.column_names}
+
+    def original_image(self, i: int) -> np.ndarray:
+        """HxWx3 uint8 at the original size; raises ExampleError naming the sample."""
+        try:
+            image = load_rgb(resolve_inside(self.data_root, self.rows["image_path"][i]))
+        except (ImageLoadError, PathEscapeError) as error:
+            raise ExampleError(i, f"{self.where(i)}: {error}") from error
+        expected = (self.rows["height"][i], self.rows["width"][i])
+        if image.shape[:2] != expected:
+            raise ExampleError(i, f"{self.where(i)}: image is {image.shape[0]}x{image.shape[1]}, manifest says "
+                               f"{expected[0]}x{expected[1]} (HxW)")  # fmt: skip
+        self.image_loads += 1
+        return image
+
+    def image(self, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(3xSxS normalised, padded image; resized (h, w)), through the LRU cache."""
+        key = self.rows["image_path"][i]
+        if key in self._image_cache:
+            self._image_cache.move_to_end(key)
+            return self._image_cache[key]
+        loaded = preprocess_image(self.original_image(i), self.image_size)
+        if self.image_cache_size > 0:
+            self._image_cache[key] = loaded
+            if len(self._image_cache) > self.image_cache_size:
+                self._image_cache.popitem(last=False)
+        return loaded
+
+    def gt_mask(self, i: int) -> np.ndarray:
+        """HxW uint8 ground truth at the original size (1 target, 0 background, 255 ignore)."""
+        try:
+            return rasterize(self.value("mask", i), self.rows["height"][i], self.rows["width"][i], self.data_root)
+        except MaskError as error:
+            raise ExampleError(i, f"{self.where(i)}: mask: {error}") from error
+
+    def text_embedding(self, i: int) -> np.ndarray:
+        """NxD float16 text embedding."""
+        return self.store.text_embedding(self.index.shards[self.rows["shard"][i]], self.rows["shard_row"][i])
+
+    def example(
+        self, i: int, with_target: bool = True, image: tuple[torch.Tensor, tuple[int, int]] | None = None
+    ) -> dict[str, Any]:
+        """One example: ``image`` 3xSxS, ``input_size`` (h, w), ``original_size`` (H, W), ``text_embedding`` NxD
+        float16, ``target`` SxS uint8 (with_target), plus ``index`` and ``sample_id``."""
+        pixels, input_size = image if image is not None else self.image(i)
+        example = {
+            "index": i,
+            "sample_id": self.rows["sample_id"][i],
+            "image": pixels,
+            "input_size": input_size,
+            "original_size": (self.rows["height"][i], self.rows["width"][i]),
+            "text_embedding": torch.from_numpy(np.array(self.text_embedding(i), dtype=np.float16, copy=True)),
+        }
+        if with_target:
+            example["target"] = preprocess_mask(self.gt_mask(i), self.image_size)
+        return example
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.example(i)
+
+    def load_batch(self, indices: Sequence[int], with_target: bool = True) -> dict[str, Any]:
+        """Collated batch of ``indices``; each distinct image is decoded at most once."""
+        images: dict[str, tuple[torch.Tensor, tuple[int, int]]] = {}
+        examples = []
+        for i in indices:
+            path = self.rows["image_path"][i]
+            if path not in images:
+                images[path] = self.image(i)
+            examples.append(self.example(i, with_target, images[path]))
+        return collate(examples)
+
+
+def collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Examples -> batch: ``images`` Bx3xSxS float32, ``text_embeds`` BxNxD float16 zero-padded to the longest row,
+    ``text_mask`` BxN bool (True = real token), ``targets`` BxSxS uint8 (if the examples have them), and the lists
+    ``indices``, ``sample_ids``, ``input_sizes``, ``original_sizes``."""
+    if not examples:
+        raise ValueError("collate: empty batch")
+    dim = examples[0]["text_embedding"].shape[1]
+    longest = max(example["text_embedding"].shape[0] for example in examples)
+    text = torch.zeros(len(examples), longest, dim, dtype=torch.float16)
+    text_mask = torch.zeros(len(examples), longest, dtype=torch.bool)
+    for row, example in enumerate(examples):
+        length = example["text_embedding"].shape[0]
+        text[row, :length] = example["text_embedding"]
+        text_mask[row, :length] = True
+    batch = {
+        "images": torch.stack([example["image"] for example in examples]),
+        "text_embeds": text,
+        "text_mask": text_mask,
+        "indices": [example["index"] for example in examples],
+        "sample_ids": [example["sample_id"] for example in examples],
+        "input_sizes": [example["input_size"] for example in examples],
+        "original_sizes": [example["original_size"] for example in examples],
+    }
+    if "target" in examples[0]:
+        batch["targets"] = torch.stack([example["target"] for example in examples])
+    return batch
+
+
+class MixtureSampler:
+    """Draws training examples: a family by its rate, then one of that family's datasets uniformly, then one of that
+    dataset's examples uniformly (LISA's scheme). Families absent from the data are dropped and the remaining rates
+    renormalised. The draws of (step, rank) come from ``numpy.random.default_rng([seed, rank, step])``, so a run resumed
+    at step s draws exactly what an uninterrupted run draws there; the sampler's position is the step.
+    """
+
+    def __init__(self, families: Sequence[str], datasets: Sequence[str], rates: Mapping[str, float], seed: int) -> None:
+        groups: dict[str, dict[str, list[int]]] = {}
+        for i, (family, dataset) in enumerate(zip(families, datasets, strict=True)):
+            groups.setdefault(family, {}).setdefault(dataset, []).append(i)
+        missing = sorted(family for family in groups if family not in rates)
+        if missing:
+            raise ValueError(f"data.sample_rates has no rate for famil{'ies' if len(missing) > 1 else 'y'} "
+                             f"{', '.join(missing)} (present in the training sources)")  # fmt: skip
+        present = {family: float(rates[family]) for family in sorted(groups) if float(rates[family]) > 0}
+        if not present:
+            raise ValueError(f"data.sample_rates gives no positive rate to any family present ({sorted(groups)})")
+        total = sum(present.values())
+        self.families = list(present)
+        self.probabilities = np.array([present[family] / total for family in self.families])
+        self.dataset_names = {family: sorted(groups[family]) for family in self.families}
+        self.groups = {
+            family: [np.array(groups[family][name]) for name in self.dataset_names[family]] for family in self.families
+        }
+        self.seed = seed
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """family -> probability."""
+        return dict(zip(self.families, self.probabilities.tolist()))
+
+    def describe(self) -> str:
+        parts = []
+        for family, probability in self.mix.items():
+            sizes = zip(self.dataset_names[family], self.groups[family])
+            parts.append(f"{family} {100 * probability:.1f}% ({', '.join(f'{d}: {len(ix)}' for d, ix in sizes)})")
+        return "; ".join(parts)
+
+    def draw(self, step: int, rank: int, count: int) -> np.ndarray:
+        """``count`` example indices for (step, rank)."""
+        rng = np.random.default_rng([self.seed, rank, step])
+        family_draws = rng.choice(len(self.families), size=count, p=self.probabilities)
+        out = np.empty(count, dtype=np.int64)
+        for k, family_index in enumerate(family_draws):
+            datasets = self.groups[self.families[family_index]]
+            members = datasets[rng.integers(len(datasets))]
+            out[k] = members[rng.integers(len(members))]
+        return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +160,15 @@ def gen_path(task: ShardTask) -> Path:
     return Path(task.path).with_name(Path(task.path).name.replace(".parquet", GEN_SUFFIX))
 
 
+def gen_covers(task: ShardTask) -> bool:
+    """Whether the shard's gen file exists, reads, and holds a row for every sample id of the task."""
+    try:
+        table = pq.read_table(gen_path(task), columns=["sample_id"])
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return set(task.sample_ids) <= set(table.column("sample_id").to_pylist())
+
+
 def _load_samples(rows: pa.Table, data_root: Path) -> list[Any]:
     """Manifest rows -> engine Samples with decoded images (unreadable images become the row's error)."""
     from shared.images import load_rgb
@@ -207,11 +215,7 @@ def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: Pipeli
         ],
         schema=GEN_SCHEMA.with_metadata({"generate_seconds": f"{seconds:.3f}"}),
     )
-    path = gen_path(task)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + shards.TMP_SUFFIX)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    shards.write_table_atomic(table, gen_path(task))
     return len(samples)
 
 
@@ -381,7 +385,8 @@ def run_stage1(
         tasks = plan_shards(run_dir, spec, Path(path), table, config.stage1.shard_size)
         stats = summary.per_manifest.setdefault(spec, ManifestStats(rows=table.num_rows, shards=len(tasks)))
         for task in tasks:
-            if not overwrite and shards.is_done(Path(task.path), task.sample_ids):
+            if not overwrite and shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key):
+                gen_path(task).unlink(missing_ok=True)  # left by a kill between the done file and its removal
                 stats.reused_rows += len(task.sample_ids)
                 done = shards.read_done(Path(task.path)) or {}
                 stats.errors += int(done.get("errors", 0))
@@ -393,7 +398,7 @@ def run_stage1(
                     shards.done_path(Path(task.path)).unlink(missing_ok=True)
                 pending.append(task)
     rows = _rows_by_task(pending, tables)
-    to_generate = [t for t in pending if not gen_path(t).is_file()]
+    to_generate = [t for t in pending if not gen_covers(t)]
     log.info("stage 1 run %s: %d shards pending (%d need generation)", key, len(pending), len(to_generate))
 
     if pending and config.stage1.use_ray:

@@ -416,12 +416,6 @@ def test_truncated_torch_checkpoint_names_the_file(tmp_path, tiny_sam_state):
         build_adapted_sam("tiny", 32, sam_checkpoint=path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SafetensorError,
-    reason="stage2_segment/modeling/build.py lets safetensors' SafetensorError through without the file name: "
-    "load_sam_state_dict must wrap load_file's errors in SamCheckpointError",
-)
 def test_truncated_safetensors_checkpoint_names_the_file(tmp_path, tiny_sam_state):
     from safetensors.torch import save_file
 

@@ -236,12 +236,6 @@ def test_sigkill_loop_then_completion_equals_uninterrupted(demo, uninterrupted, 
     assert summary["new_rows"] + summary["reused_rows"] == ROWS and summary["errors"] == 0, summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="stage1_reason/run.py keeps a done shard's gen file: run_stage1 must unlink gen_path(task) when it skips a "
-    "done shard",
-)
 def test_leftover_gen_file_of_a_done_shard_is_removed(demo, uninterrupted, tiny_llava_dir):
     """A kill between a shard's done file and the removal of its gen file must not leave the gen file forever."""
     from stage1_reason.run import run_stage1
@@ -258,12 +252,6 @@ def test_leftover_gen_file_of_a_done_shard_is_removed(demo, uninterrupted, tiny_
     assert not leftover.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="stage1_reason/run.py reuses any existing gen file: run_stage1 must regenerate a shard whose gen file does "
-    "not cover its sample ids (left by a killed run before the manifest was rebuilt) instead of failing in embed_shard",
-)
 def test_stale_gen_file_of_another_manifest_version_is_regenerated(demo, uninterrupted, tiny_llava_dir):
     from stage1_reason.run import GEN_SCHEMA, run_stage1
 

@@ -227,7 +227,12 @@ def load_sam_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        from safetensors import SafetensorError
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise SamCheckpointError(f"{path}: not a readable safetensors file ({error})") from error
     else:
         try:
             with path.open("rb") as handle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -50,6 +51,42 @@ def cmd_reason(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage2_inputs(args: argparse.Namespace):
+    from llavaseg.pipeline import prepare, stage2_sources
+
+    config = _load(args)
+    manifests = prepare(config, build_models=False)
+    return config, manifests, stage2_sources
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stage2_segment.train import train
+
+    config, manifests, sources = _stage2_inputs(args)
+    result = train(config, sources(config, manifests, config.data.train))
+    print(f"trained to step {result.final_step} (final loss {result.final_loss}); checkpoint: {result.checkpoint_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from stage2_segment.evaluate import evaluate
+
+    config, manifests, sources = _stage2_inputs(args)
+    metrics = evaluate(config, sources(config, manifests, config.data.eval), Path(args.checkpoint))
+    print(json.dumps(metrics, indent=2, default=str)[:4000])
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from stage2_segment.infer import infer
+
+    config, manifests, sources = _stage2_inputs(args)
+    out = Path(args.out) if args.out else config.work_dir / "predictions"
+    summary = infer(config, sources(config, manifests, config.data.eval), Path(args.checkpoint), out)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llavaseg.pipeline import run_all
 
@@ -81,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     _add_config_args(p)
     p.set_defaults(func=cmd_reason)
+
+    p = sub.add_parser("train", help="stage 2: train the SAM adapters from stage-1 shards on Ray Train")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="stage 2: gIoU/cIoU of a checkpoint on the eval manifests")
+    p.add_argument("--checkpoint", required=True, help="a trained checkpoint folder (e.g. <work_dir>/stage2/<name>/final)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("infer", help="stage 2: offline inference over the eval manifests' shards -> RLE predictions")
+    p.add_argument("--checkpoint", required=True, help="a trained checkpoint folder")
+    p.add_argument("--out", default=None, help="output folder (default: <work_dir>/predictions)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("run", help="the whole pipeline on the configured data")
     _add_config_args(p)

@@ -86,4 +86,14 @@ def run_all(config: PipelineConfig) -> None:
     manifests = prepare(config)
     summary = reason(config, manifests)
     print(summary.describe())
+    from stage2_segment.evaluate import evaluate
+    from stage2_segment.train import train
+
+    trained = train(config, stage2_sources(config, manifests, config.data.train))
+    print(f"stage 2: trained to step {trained.final_step}, final loss {trained.final_loss}, "
+          f"{trained.samples_per_s} samples/s -> {trained.checkpoint_dir}")
+    metrics = evaluate(config, stage2_sources(config, manifests, config.data.eval), Path(trained.checkpoint_dir))
+    for spec, scores in (metrics.get("results") or {}).items():
+        if isinstance(scores, dict) and "gIoU" in scores:
+            print(f"  {spec}: gIoU {scores['gIoU']:.3f}  cIoU {scores['cIoU']:.3f}  ({scores.get('count')} samples)")
     print(f"pipeline finished in {time.perf_counter() - started:.0f}s; outputs under {config.work_dir}")

@@ -80,15 +80,15 @@ class Stage2Config:
     sam_variant: str = "tiny"  # vit_h | vit_l | vit_b | tiny
     sam_checkpoint: str = ""  # official SAM checkpoint (local path); empty = random init (tiny only)
     adapter_blocks: list[int] = field(default_factory=list)  # empty = the variant's global-attention blocks
-    lr: float = 1e-4
+    lr: float = 1e-3  # demo: the tiny random SAM needs a larger step than the paper's 1e-4
     weight_decay: float = 1e-4
     bce_weight: float = 1.0
     dice_weight: float = 0.5
     global_batch: int = 8
     micro_batch: int = 4
-    iterations: int = 60
+    iterations: int = 200
     warmup_iterations: int = 5
-    checkpoint_every: int = 20
+    checkpoint_every: int = 50
     precision: str = "fp32"  # fp32 | bf16 (autocast on GPU)
     seed: int = 0
     eval_batch: int = 8

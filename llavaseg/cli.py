@@ -87,6 +87,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from llavaseg.segment import segment_image
+
+    config = _load(args)
+    result = segment_image(
+        config,
+        Path(args.image),
+        args.query,
+        Path(args.checkpoint) if args.checkpoint else None,
+        Path(args.out) if args.out else None,
+        None if args.query_kind == "auto" else args.query_kind,
+    )
+    print(result.describe())
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llavaseg.pipeline import run_all
 
@@ -134,7 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("run", help="the whole pipeline on the configured data")
+    p = sub.add_parser("segment", help="one image + one query: the MLLM's answer, target, attributes and a mask")
+    p.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
+    p.add_argument("--query", required=True, help='e.g. "where should the piano player sit?"')
+    p.add_argument("--checkpoint", default=None,
+                   help="trained stage-2 checkpoint folder (default: the one `llavaseg run` trains for this config)")
+    p.add_argument("--out", default=None, help="output folder (default: <work_dir>/segment)")
+    p.add_argument("--query-kind", default="auto", choices=("auto", "phrase", "sentence"),
+                   help="phrase (referring) or sentence (reasoning); auto: a question or 6+ words is a sentence")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("run", help="the whole pipeline on the configured data: stage 1, training, evaluation, report")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
     return parser
@@ -156,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, permissions, ...: the message names the file
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.config import PipelineConfig
+from shared.shards import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +84,173 @@ def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs
     return [Stage2Source(spec, by_spec[spec].path, manifest_folder(run_dir, spec), key) for spec in specs]
 
 
-def run_all(config: PipelineConfig) -> None:
-    started = time.perf_counter()
-    manifests = prepare(config)
-    summary = reason(config, manifests)
-    print(summary.describe())
+TINY_MODEL_NOTE = ("Smoke run on tiny randomly initialised models (tiny LLaVA, tiny SAM) and a generated demo dataset: "
+                   "the numbers show the pipeline works end to end and say nothing about the method.")
+
+
+@dataclass
+class RunSummary:
+    """What ``llavaseg run`` did: per-step seconds, stage-1 counts, the checkpoint, the scores and the report."""
+
+    seconds: dict[str, float]
+    stage1: Any
+    trained: Any
+    metrics: dict[str, Any]
+    dialogue: dict[str, Any] | None
+    evaluation_reused: bool
+    report_md: Path
+    report_html: Path
+
+    def describe(self) -> str:
+        lines = [self.stage1.describe()]
+        t = self.trained
+        loss = f"{t.final_loss:.4f}" if isinstance(t.final_loss, float) else str(t.final_loss)
+        if t.steps_done:
+            rate = f", {t.samples_per_s:.1f} samples/s" if t.samples_per_s else ""
+            lines.append(f"stage 2: {t.steps_done} new steps, trained to step {t.final_step} (final loss {loss}{rate})"
+                         f" -> {t.checkpoint_dir}")  # fmt: skip
+        else:
+            lines.append(f"stage 2: 0 new steps, reusing the checkpoint at step {t.final_step} (final loss {loss}) "
+                         f"-> {t.checkpoint_dir}")  # fmt: skip
+        lines.append(f"evaluation {self.metrics['name']}: " + ("reused" if self.evaluation_reused else "computed"))
+        for spec, scores in (self.metrics.get("results") or {}).items():
+            lines.append(f"  {spec}: gIoU {100 * scores['gIoU']:.1f}%  cIoU {100 * scores['cIoU']:.1f}%  "
+                         f"({scores['count']} samples)")  # fmt: skip
+            for length, sub in (scores.get("by_query_length") or {}).items():
+                lines.append(f"    {length} queries: gIoU {100 * sub['gIoU']:.1f}%  cIoU {100 * sub['cIoU']:.1f}%  "
+                             f"({sub['count']} samples)")  # fmt: skip
+        if self.dialogue and self.dialogue.get("count"):
+            d = self.dialogue
+            lines.append(f"dialogue (step-1 answers vs references): ROUGE-L {d['ROUGE-L']:.3f}  CIDEr {d['CIDEr']:.3f}  "
+                         f"({d['count']} samples)")  # fmt: skip
+        lines.append("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()))
+        lines.append(f"report: {self.report_html} (and {self.report_md.name})")
+        return "\n".join(lines)
+
+
+def evaluation_sources_record(sources: list) -> list[dict[str, str]]:
+    return [{"spec": s.spec, "manifest": str(Path(s.manifest).resolve()), "run_key": s.run_key} for s in sources]
+
+
+def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Path) -> tuple[dict[str, Any], bool]:
+    """The evaluation of ``checkpoint_dir`` on ``sources``; an earlier ``metrics.json`` of the same checkpoint, step,
+    sources and sample limit is reused. Returns (metrics, reused)."""
+    from stage2_segment.checkpoint import read_meta
     from stage2_segment.evaluate import evaluate
+
+    meta = read_meta(checkpoint_dir)
+    name = f"{meta['train_name']}-step{meta['step']:06d}"
+    expected = {
+        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        "step": meta["step"],
+        "sources": evaluation_sources_record(sources),
+        "max_samples_per_manifest": config.data.max_samples_per_manifest,
+    }
+    path = config.work_dir / "eval" / name / "metrics.json"
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            earlier = {}
+        if all(earlier.get(k) == v for k, v in expected.items()):
+            log.info("evaluation %s: reusing %s", name, path)
+            return earlier, True
+    metrics = evaluate(config, sources, checkpoint_dir, name=name)
+    metrics.update(expected)
+    write_json_atomic(path, metrics)
+    return metrics, False
+
+
+def stage1_texts(sources: list) -> dict[str, dict[str, Any]]:
+    """sample_id -> {status, reason_answer} of the sources' done shards (for the report's dialogue and gallery)."""
+    from shared.shards import read_shards
+
+    texts: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        table = read_shards(source.shard_dir, source.run_key, columns=["sample_id", "status", "reason_answer"])
+        for row in table.to_pylist():
+            texts[row["sample_id"]] = row
+    return texts
+
+
+def dialogue_for(sources: list, texts: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """ROUGE-L / CIDEr of the step-1 answers against the manifests' reference answers (None without references)."""
+    import pyarrow.parquet as pq
+
+    from llavaseg.dialogue import dialogue_scores
+
+    references: dict[str, Any] = {}
+    for source in sources:
+        table = pq.read_table(source.manifest, columns=["sample_id", "reference_answer"])
+        references.update(zip(table["sample_id"].to_pylist(), table["reference_answer"].to_pylist()))
+    candidates = {sid: row["reason_answer"] for sid, row in texts.items() if row["status"] == "ok"}
+    scores = dialogue_scores(candidates, references)
+    return scores if scores["count"] else None
+
+
+def report_notes(config: PipelineConfig) -> list[str]:
+    notes = []
+    if config.stage1.model.startswith("tiny-") or config.stage2.sam_variant == "tiny":
+        notes.append(TINY_MODEL_NOTE)
+    return notes
+
+
+def write_run_report(
+    config: PipelineConfig, stage1_run_dir: Path, trained: Any, metrics: dict[str, Any], sources: list
+) -> tuple[Path, Path, dict[str, Any] | None]:
+    """The Markdown + HTML report of a run under ``<work_dir>/report/``; returns (md, html, dialogue scores)."""
+    from llavaseg.report import write_report
+    from stage2_segment.train import read_metrics
+
+    texts = stage1_texts(sources)
+    dialogue = dialogue_for(sources, texts)
+    gallery = [{**case, "reason_answer": (texts.get(case["sample_id"]) or {}).get("reason_answer")}
+               for case in metrics.get("gallery") or []]  # fmt: skip
+    summary_path = Path(stage1_run_dir) / "summary.json"
+    stage1 = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    loss_curve = [r for r in read_metrics(trained.output_dir) if "step" in r]
+    shown = {"per_split": metrics.get("results") or {}, "checkpoint": metrics.get("checkpoint"),
+             "training step": metrics.get("step")}  # fmt: skip
+    md, html = write_report(
+        config.work_dir / "report",
+        title=f"LLaVASeg run: {metrics.get('name', trained.train_name)}",
+        metrics=shown,
+        stage1=stage1,
+        loss_curve=loss_curve,
+        gallery=gallery,
+        dialogue=dialogue,
+        notes=report_notes(config),
+    )
+    return md, html, dialogue
+
+
+def run_all(config: PipelineConfig) -> RunSummary:
+    """manifests -> stage 1 -> stage-2 training -> evaluation -> report; every step reuses finished work."""
     from stage2_segment.train import train
 
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+
+    manifests = prepare(config)
+    lap("prepare")
+    stage1 = reason(config, manifests)
+    lap("stage 1")
     trained = train(config, stage2_sources(config, manifests, config.data.train))
-    print(f"stage 2: trained to step {trained.final_step}, final loss {trained.final_loss}, "
-          f"{trained.samples_per_s} samples/s -> {trained.checkpoint_dir}")
-    metrics = evaluate(config, stage2_sources(config, manifests, config.data.eval), Path(trained.checkpoint_dir))
-    for spec, scores in (metrics.get("results") or {}).items():
-        if isinstance(scores, dict) and "gIoU" in scores:
-            print(f"  {spec}: gIoU {scores['gIoU']:.3f}  cIoU {scores['cIoU']:.3f}  ({scores.get('count')} samples)")
-    print(f"pipeline finished in {time.perf_counter() - started:.0f}s; outputs under {config.work_dir}")
+    lap("train")
+    eval_sources = stage2_sources(config, manifests, config.data.eval)
+    metrics, reused = evaluate_or_reuse(config, eval_sources, Path(trained.checkpoint_dir))
+    lap("evaluate")
+    md, html, dialogue = write_run_report(config, stage1.run_dir, trained, metrics, eval_sources)
+    lap("report")
+    summary = RunSummary(seconds, stage1, trained, metrics, dialogue, reused, md, html)
+    seconds["total"] = sum(seconds.values())
+    for note in report_notes(config):
+        print(f"note: {note}")
+    print(summary.describe(), flush=True)
+    return summary

@@ -334,7 +334,7 @@ def _stage1_section(page: _Page, stage1: Mapping[str, Any]) -> None:
         page.paragraph("No stage-1 summary.", "muted")
         return
     seconds, generated = stage1.get("seconds"), stage1.get("generated_samples")
-    rows = [[k.replace("_", " "), str(v) if isinstance(v, str) else _integer(v) if k != "seconds" else f"{v:.1f}"]
+    rows = [[k.replace("_", " "), str(v) if isinstance(v, str) else _integer(v) if isinstance(v, int) else f"{v:.2f}"]
             for k, v in _scalar_items(stage1)]  # fmt: skip
     if _is_number(seconds) and _is_number(generated) and seconds > 0 and generated > 0:
         rows.append(["generation throughput", f"{generated / seconds:.2f} samples/s"])
@@ -344,7 +344,8 @@ def _stage1_section(page: _Page, stage1: Mapping[str, Any]) -> None:
         keys = [k for k in _STAGE1_COLUMNS if any(k in s for s in per_manifest.values())]
         keys += sorted({k for s in per_manifest.values() for k in s if k not in keys and _is_number(s[k])})
         page.table(["manifest", *(k.replace("_", " ") for k in keys)],
-                   [[name, *(_integer(s.get(k)) for k in keys)] for name, s in per_manifest.items()])  # fmt: skip
+                   [[name, *(_integer(s.get(k)) if not isinstance(s.get(k), float) else f"{s[k]:.2f}" for k in keys)]
+                    for name, s in per_manifest.items()])  # fmt: skip
 
 
 def _training_section(page: _Page, loss_curve: Sequence[Mapping[str, Any]], out_dir: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import PipelineConfig
+from shared.ray_cluster import ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,6 @@ class _ShardWorker:
             else:
                 out.append(json.dumps(self.run.embed_shard(task, rows, self.engine, self.config, self.metadata, self.dim)))
         return {"result": np.array(out, dtype=object)}
-
-
-def ensure_ray(config: PipelineConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        if config.ray.address:
-            ray.init(address=config.ray.address)
-        else:
-            ray.init(include_dashboard=False)
 
 
 def run_phases_on_ray(

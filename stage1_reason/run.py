@@ -72,6 +72,8 @@ class ManifestStats:
     errors: int = 0
     generated_tokens: int = 0
     embedded_tokens: int = 0
+    generate_seconds: float = 0.0  # summed over every done shard, reused ones included
+    embed_seconds: float = 0.0
 
 
 @dataclass
@@ -94,6 +96,12 @@ class Stage1Summary:
     @property
     def errors(self) -> int:
         return sum(s.errors for s in self.per_manifest.values())
+
+    def generation_rate(self) -> float | None:
+        """Rows per second of generation over every done shard (from their done files), None when unknown."""
+        seconds = sum(s.generate_seconds for s in self.per_manifest.values())
+        rows = sum(s.new_rows + s.reused_rows for s in self.per_manifest.values())
+        return round(rows / seconds, 2) if seconds > 0 else None
 
     def describe(self) -> str:
         rate = self.generated_samples / self.seconds if self.seconds and self.generated_samples else 0.0
@@ -392,6 +400,8 @@ def run_stage1(
                 stats.errors += int(done.get("errors", 0))
                 stats.generated_tokens += int(done.get("generated_tokens", 0))
                 stats.embedded_tokens += int(done.get("embedded_tokens", 0))
+                stats.generate_seconds += float(done.get("generate_seconds", 0.0))
+                stats.embed_seconds += float(done.get("embed_seconds", 0.0))
             else:
                 if overwrite:
                     gen_path(task).unlink(missing_ok=True)
@@ -431,12 +441,16 @@ def run_stage1(
         m.errors += stats["errors"]
         m.generated_tokens += stats["generated_tokens"]
         m.embedded_tokens += stats["embedded_tokens"]
+        m.generate_seconds += float(stats.get("generate_seconds", 0.0))
+        m.embed_seconds += float(stats.get("embed_seconds", 0.0))
     summary.embedded_samples = sum(s["rows"] for s in done_stats)
     summary.seconds = time.perf_counter() - started
     shards.write_json_atomic(run_dir / "summary.json", {
         "run_key": key, "new_rows": summary.new_rows, "reused_rows": summary.reused_rows, "errors": summary.errors,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
-        "per_manifest": {k: v.__dict__ for k, v in summary.per_manifest.items()},
-    })
+        "generation_samples_per_s": summary.generation_rate(),
+        "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),
+                             "embed_seconds": round(v.embed_seconds, 2)} for k, v in summary.per_manifest.items()},
+    })  # fmt: skip
     log.info("%s", summary.describe())
     return summary

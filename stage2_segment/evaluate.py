@@ -9,6 +9,7 @@ sentence queries = "long", phrases = "short"). Outputs under ``<work_dir>/eval/<
     metrics.md            the same as a table (percent, like the paper)
     per_sample.jsonl      sample_id, spec, query_kind, intersection, union, IoU
     overlays/*.png        the best and worst few samples of each dataset/split
+    cases/*.png           their ground truth and prediction as label masks (0/1/255), listed in ``gallery``
     resolved_config.json
 """
 
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from shared.config import PipelineConfig
+from shared.paths import resolve_inside
 from shared.metrics import per_sample_intersection_union, scores_from_counts
 from shared.shards import write_json_atomic
 from stage2_segment.checkpoint import load_trained_model
@@ -150,7 +153,7 @@ def evaluate(
             record = {"sample_id": dataset.rows["sample_id"][i], "spec": specs[k], "query_kind": kinds[k],
                       "intersection": intersection[k], "union": union[k], "iou": float(per_sample_iou[k])}  # fmt: skip
             handle.write(json.dumps(record) + "\n")
-    overlays = _write_overlays(dataset, kept, specs, per_sample_iou, rles, out_dir / "overlays")
+    overlays, gallery = _write_overlays(dataset, kept, specs, per_sample_iou, rles, out_dir)
     metrics = {
         "name": name,
         "checkpoint": str(Path(checkpoint_dir).resolve()),
@@ -161,6 +164,7 @@ def evaluate(
         "unusable_samples": unusable,
         "stage1_skipped": {report.spec: report.describe() for report in index.reports},
         "overlays": overlays,
+        "gallery": gallery,
         "seconds": time.perf_counter() - started,
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
@@ -172,13 +176,17 @@ def evaluate(
 
 
 def _write_overlays(
-    dataset: Stage2Dataset, kept: list[int], specs: list[str], ious: np.ndarray, rles: dict[int, dict], folder: Path
-) -> list[str]:
-    """PNG overlays of the best and worst ``OVERLAYS_PER_END`` samples of each spec; returns their file names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.png"):
-        stale.unlink()
-    names = []
+    dataset: Stage2Dataset, kept: list[int], specs: list[str], ious: np.ndarray, rles: dict[int, dict], out_dir: Path
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """PNG overlays of the best and worst ``OVERLAYS_PER_END`` samples of each spec in ``overlays/``, and their ground
+    truth and prediction as label PNGs in ``cases/``; returns the overlay file names and one gallery case per sample
+    (image path, gt, pred, query, target, attributes, iou, ...) for the report."""
+    folder, cases_dir = out_dir / "overlays", out_dir / "cases"
+    for stale_dir in (folder, cases_dir):
+        stale_dir.mkdir(parents=True, exist_ok=True)
+        for stale in stale_dir.glob("*.png"):
+            stale.unlink()
+    names, gallery = [], []
     for spec in dict.fromkeys(specs):
         members = sorted((k for k in range(len(kept)) if specs[k] == spec), key=lambda k: -ious[k])
         chosen = [("best", rank, k) for rank, k in enumerate(members[:OVERLAYS_PER_END])]
@@ -194,8 +202,18 @@ def _write_overlays(
                 f"attributes: {info.get('attributes') or ''}",
             ]
             prediction = decode_mask(rles[i]).astype(bool)
-            picture = render_overlay(dataset.original_image(i), dataset.gt_mask(i), prediction, caption)
-            file_name = f"{_safe_name(spec)}-{end}{rank + 1}-{_safe_name(info['sample_id'])}.png"
-            picture.save(folder / file_name)
-            names.append(file_name)
-    return names
+            gt = dataset.gt_mask(i)
+            picture = render_overlay(dataset.original_image(i), gt, prediction, caption)
+            stem = f"{_safe_name(spec)}-{end}{rank + 1}-{_safe_name(info['sample_id'])}"
+            picture.save(folder / f"{stem}.png")
+            names.append(f"{stem}.png")
+            Image.fromarray(gt.astype(np.uint8)).save(cases_dir / f"{stem}-gt.png")
+            Image.fromarray(prediction.astype(np.uint8)).save(cases_dir / f"{stem}-pred.png")
+            gallery.append({
+                "sample_id": info["sample_id"], "spec": spec, "iou": float(ious[k]),
+                "image": str(resolve_inside(dataset.data_root, info["image_path"])),
+                "gt": str(cases_dir / f"{stem}-gt.png"), "pred": str(cases_dir / f"{stem}-pred.png"),
+                "overlay": str(folder / f"{stem}.png"), "query": info["query"], "query_kind": info["query_kind"],
+                "target": info.get("target"), "attributes": info.get("attributes"),
+            })  # fmt: skip
+    return names, gallery

@@ -167,7 +167,7 @@ def infer(config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: P
     import ray
     import ray.data
 
-    from stage2_segment.train import ensure_ray
+    from shared.ray_cluster import ensure_ray
 
     started = time.perf_counter()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from shared.config import PipelineConfig, Stage2Config
+from shared.ray_cluster import ensure_ray
 from shared.shards import run_key
 from stage2_segment.checkpoint import (
     find_latest,
@@ -367,21 +367,6 @@ def _meta(loop_config: dict[str, Any], model: AdaptedSam, step: int, world: int,
                     for s in loop_config["sources"]],  # fmt: skip
         "metrics": metrics,
     }
-
-
-def ensure_ray(config: PipelineConfig) -> bool:
-    """Connect to ``ray.address`` or start a local cluster; True when this call started Ray (the caller shuts it
-    down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if config.ray.address:
-        ray.init(address=config.ray.address)
-    else:
-        needed = config.ray.num_workers * config.ray.cpus_per_worker
-        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, needed))
-    return True
 
 
 def _result(output_dir: Path, steps_done: int) -> TrainResult:

@@ -69,11 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from stage2_segment.evaluate import evaluate
+    from stage2_segment.evaluate import evaluate, metrics_markdown
 
     config, manifests, sources = _stage2_inputs(args)
     metrics = evaluate(config, sources(config, manifests, config.data.eval), Path(args.checkpoint))
-    print(json.dumps(metrics, indent=2, default=str)[:4000])
+    print(metrics_markdown(metrics))
+    print(f"evaluation written to {config.work_dir / 'eval' / metrics['name']} (metrics.json, metrics.md, overlays/)")
     return 0
 
 
@@ -100,6 +101,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
         None if args.query_kind == "auto" else args.query_kind,
     )
     print(result.describe())
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from llavaseg.ablate import run_ablation
+
+    path, _ = run_ablation(args.config, args.profile, args.overrides)
+    print(path.read_text(encoding="utf-8"))
+    print(f"ablation table written to {path}")
     return 0
 
 
@@ -160,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phrase (referring) or sentence (reasoning); auto: a question or 6+ words is a sentence")
     _add_config_args(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("ablate", help="paper Table 3: CoT steps, single- vs multi-scale adapters, with/without ReasonSeg")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("run", help="the whole pipeline on the configured data: stage 1, training, evaluation, report")
     _add_config_args(p)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import PipelineConfig
-from shared.shards import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,14 @@ def prepare(config: PipelineConfig, build_models: bool = True) -> list[ManifestE
     return entries
 
 
-def reason(config: PipelineConfig, manifests: list[ManifestEntry], overwrite: bool = False):
-    """Stage 1 over every manifest; returns the run summary."""
+def reason(
+    config: PipelineConfig, manifests: list[ManifestEntry], overwrite: bool = False, backend: Any = None,
+    embedder: Any = None,
+):
+    """Stage 1 over every manifest; returns the run summary. ``backend``/``embedder``: engines already running."""
     from stage1_reason.run import run_stage1
 
-    return run_stage1(config, [(m.spec, m.path) for m in manifests], overwrite=overwrite)
+    return run_stage1(config, [(m.spec, m.path) for m in manifests], overwrite, backend, embedder)
 
 
 def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs: list[str]) -> list:
@@ -128,10 +130,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def evaluation_sources_record(sources: list) -> list[dict[str, str]]:
-    return [{"spec": s.spec, "manifest": str(Path(s.manifest).resolve()), "run_key": s.run_key} for s in sources]
-
-
 def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Path) -> tuple[dict[str, Any], bool]:
     """The evaluation of ``checkpoint_dir`` on ``sources``; an earlier ``metrics.json`` of the same checkpoint, step,
     sources and sample limit is reused. Returns (metrics, reused)."""
@@ -143,9 +141,10 @@ def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Pat
     expected = {
         "checkpoint": str(Path(checkpoint_dir).resolve()),
         "step": meta["step"],
-        "sources": evaluation_sources_record(sources),
+        "sources": [{"spec": s.spec, "manifest": str(Path(s.manifest).resolve()), "run_key": s.run_key}
+                    for s in sources],
         "max_samples_per_manifest": config.data.max_samples_per_manifest,
-    }
+    }  # fmt: skip
     path = config.work_dir / "eval" / name / "metrics.json"
     if path.is_file():
         try:
@@ -155,10 +154,7 @@ def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Pat
         if all(earlier.get(k) == v for k, v in expected.items()):
             log.info("evaluation %s: reusing %s", name, path)
             return earlier, True
-    metrics = evaluate(config, sources, checkpoint_dir, name=name)
-    metrics.update(expected)
-    write_json_atomic(path, metrics)
-    return metrics, False
+    return evaluate(config, sources, checkpoint_dir, name=name), False
 
 
 def stage1_texts(sources: list) -> dict[str, dict[str, Any]]:

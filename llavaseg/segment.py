@@ -16,6 +16,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -90,6 +91,8 @@ def segment_image(
     checkpoint_dir: Path | None = None,
     out_dir: Path | None = None,
     query_kind: str | None = None,
+    backend: Any = None,
+    embedder: Any = None,
 ) -> SegmentResult:
     """Reason about ``query`` on the image, segment what the MLLM names, write mask / overlay / JSON.
 
@@ -97,6 +100,8 @@ def segment_image(
         FileNotFoundError: a missing checkpoint folder or model path.
         ValueError: an unreadable image (naming the file), an empty query, a checkpoint that is not complete or not
             loadable, reasoning that produced nothing to segment.
+
+    ``backend``/``embedder``: stage-1 engines already running (see :func:`stage1_reason.single.reason_one`).
     """
     import torch
 
@@ -127,7 +132,7 @@ def segment_image(
     device = inference_device(config)
     model, meta = load_trained_model(checkpoint, device)  # before the MLLM: a bad checkpoint fails fast
 
-    reasoning = reason_one(config, image, query, kind)
+    reasoning = reason_one(config, image, query, kind, backend, embedder)
     embedding = reasoning.embedding
     if embedding is None:  # input mode: rows of the input embedding table
         embedding = input_embedding_rows(resolve_model(config.stage1.model, config.work_dir), reasoning.token_ids)

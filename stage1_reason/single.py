@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,27 +29,41 @@ class SingleReasoning:
     embed_mode: str
 
 
-def reason_one(config: PipelineConfig, image: np.ndarray, query: str, query_kind: str = "phrase") -> SingleReasoning:
-    """Both CoT turns and the embedding for one sample; raises ValueError with the row's error message on failure."""
+def reason_one(
+    config: PipelineConfig,
+    image: np.ndarray,
+    query: str,
+    query_kind: str = "phrase",
+    backend: Any = None,
+    embedder: Any = None,
+) -> SingleReasoning:
+    """Both CoT turns and the embedding for one sample; raises ValueError with the row's error message on failure.
+
+    ``backend``/``embedder`` may be passed in (engines already running); they are then not closed here.
+    """
     from stage1_reason.embed import EmbedRequest
     from stage1_reason.engine import Sample, run_chain_of_thought
     from stage1_reason.run import make_embedder_for, make_generation_backend
 
     model_path = resolve_model(config.stage1.model, config.work_dir)
-    backend = make_generation_backend(config, model_path)
+    own_backend = backend is None
+    backend = backend or make_generation_backend(config, model_path)
     try:
         (output,) = run_chain_of_thought(
             backend, [Sample("single", query, query_kind, image)], config.stage1.cot_steps, config.stage1.prompt_version
         )
     finally:
-        backend.close()
+        if own_backend:
+            backend.close()
     if output.error:
         raise ValueError(f"reasoning failed: {output.error}")
-    embedder = make_embedder_for(config, model_path)
+    own_embedder = embedder is None
+    embedder = embedder or make_embedder_for(config, model_path)
     try:
         (result,) = embedder.embed([EmbedRequest("single", output.context_messages, output.seg_text, image)])
     finally:
-        embedder.close()
+        if own_embedder:
+            embedder.close()
     if not result.ok:
         raise ValueError(f"embedding failed: {result.error}")
     return SingleReasoning(

@@ -160,6 +160,9 @@ def evaluate(
         "train_name": meta["train_name"],
         "step": meta["step"],
         "sam_checkpoint": meta.get("sam_checkpoint"),
+        "sources": [{"spec": src.spec, "manifest": str(Path(src.manifest).resolve()), "run_key": src.run_key}
+                    for src in sources],
+        "max_samples_per_manifest": config.data.max_samples_per_manifest,
         "results": results,
         "unusable_samples": unusable,
         "stage1_skipped": {report.spec: report.describe() for report in index.reports},

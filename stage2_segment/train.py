@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -406,6 +407,9 @@ def train(config: PipelineConfig, sources: list[Stage2Source]) -> TrainResult:
     if is_complete(final) and read_meta(final)["step"] >= config.stage2.iterations:
         logger.info("stage 2 %s is already trained to step %d: %s", name, read_meta(final)["step"], final)
         return _result(output_dir, 0)
+    for stale in output_dir.glob(f"{FINAL_DIR}.tmp-*"):  # an export cut short by a kill; the rerun exports again
+        logger.warning("removing %s, left by a killed export", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     index = build_index(sources, config.data.max_samples_per_manifest)  # data problems fail here, before Ray starts
     mix = MixtureSampler(index.table["family"].to_pylist(), index.table["dataset"].to_pylist(),
                          config.data.sample_rates, config.stage2.seed)  # fmt: skip

@@ -153,7 +153,7 @@ def segment_image(
     stem = f"{_slug(image_path.stem)}-{_slug(query)}"
     mask_path, overlay_path, json_path = (out_dir / f"{stem}-mask.png", out_dir / f"{stem}-overlay.png",
                                           out_dir / f"{stem}.json")  # fmt: skip
-    Image.fromarray((mask * 255).astype(np.uint8), mode="L").save(mask_path)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(mask_path)
     Image.fromarray(tint(image, mask, PRED_COLOUR)).save(overlay_path)
     result = SegmentResult(
         query=query, query_kind=kind, reason_answer=reasoning.reason_answer, target=reasoning.target,

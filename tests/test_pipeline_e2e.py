@@ -276,3 +276,23 @@ def test_ablate_writes_the_table_and_reuses_the_baseline(project, vllm_generatio
         scores = v.result["results"]["reasonseg/val"]
         assert 0.0 <= scores["gIoU"] <= 1.0 and 0.0 <= scores["cIoU"] <= 1.0
         assert re.search(rf"\| {re.escape(v.label)} \| {100 * scores['gIoU']:.1f} \| {100 * scores['cIoU']:.1f} \|", table)
+
+
+def test_run_report_renders_with_its_images_in_chromium(project, tmp_path):
+    import html
+
+    from test_report import PROBE_PAGE, run_chromium
+
+    probe = tmp_path / "probe"
+    shutil.copytree(project.work / "report", probe / "report")
+    (probe / "control.html").write_text('<!DOCTYPE html><img src="no-such-picture.png">')
+    (probe / "probe.html").write_text(PROBE_PAGE)
+    dom = run_chromium(["--dump-dom", (probe / "probe.html").as_uri()], tmp_path / "profile")
+    status = re.search(r'<pre id="status">(.*?)</pre>', dom, re.DOTALL)
+    assert status, dom[:500]
+    report = json.loads(html.unescape(status.group(1)))["report"]
+    assert report["headings"] == ["Segmentation", "Dialogue quality (step-1 answers)", "Stage 1: MLLM reasoning",
+                                  "Training", "Gallery"]  # fmt: skip
+    assert len(report["images"]) >= 7  # the loss plot and at least two gallery cases of three pictures
+    broken = [img for img in report["images"] if not (img["complete"] and img["naturalWidth"] > 0)]
+    assert not broken, broken

@@ -84,7 +84,8 @@ def ablation_markdown(variants: list[Variant], specs: list[str], notes: list[str
     titles = {"a": "(a) Chain-of-thought steps", "b": "(b) Scales of the language-aware adapters",
               "d": "(d) Training with or without ReasonSeg"}  # fmt: skip
     lines = ["# Ablations (paper Table 3)", ""]
-    lines += [f"> **Note:** {note}" for note in notes] + ([""] if notes else [])
+    for note in notes:
+        lines += [f"> **Note:** {note}", ""]
     header = ["variant", *(f"{spec} {m} (%)" for spec in specs for m in ("gIoU", "cIoU")), "train run", "stage-1 run"]
     for table in ("a", "b", "d"):
         lines += [f"## {titles[table]}", "", "| " + " | ".join(header) + " |",
@@ -100,6 +101,17 @@ def ablation_markdown(variants: list[Variant], specs: list[str], notes: list[str
     return "\n".join(lines)
 
 
+def count_attributes(sources: list) -> int:
+    """Stage-1 rows of ``sources`` with a non-empty parsed ``attributes`` text."""
+    from shared.shards import read_shards
+
+    count = 0
+    for source in dict((s.shard_dir, s) for s in sources).values():
+        values = read_shards(source.shard_dir, source.run_key, columns=["attributes"])["attributes"].to_pylist()
+        count += sum(1 for value in values if value and value.strip())
+    return count
+
+
 def run_ablation(
     config_path: str | Path, profile: str | None, overrides: list[str], backend: Any = None, embedder: Any = None
 ) -> tuple[Path, list[Variant]]:
@@ -112,8 +124,6 @@ def run_ablation(
     variants = plan_variants(base)
     manifests = prepare(base)
     notes = report_notes(base)
-    if notes:
-        notes = ["This is a smoke run. " + notes[0]]
     for note in notes:
         print(f"note: {note}", flush=True)
     done: dict[str, dict[str, Any]] = {}  # train name -> result, shared by variants that resolve to the same run
@@ -135,6 +145,12 @@ def run_ablation(
                               "step": trained.final_step, "stage1_run_key": stage1.run_key,
                               "checkpoint": str(trained.checkpoint_dir)}  # fmt: skip
             done[trained.train_name] = variant.result
+        if variant.table == "a" and config.stage1.cot_steps == 3:
+            with_attributes = count_attributes(stage2_sources(config, manifests, list(config.data.train) +
+                                                              list(config.data.eval)))  # fmt: skip
+            if with_attributes == 0:
+                notes.append("The MLLM's step-2/3 answers gave no parsable attributes for any sample, so 'steps 1+2' "
+                             "and 'steps 1+2+3' embed the same text here.")  # fmt: skip
         print(f"  stage 1: {stage1.new_rows} new, {stage1.reused_rows} reused; {trained.train_name} step "
               f"{trained.final_step} ({trained.steps_done} new steps); {time.perf_counter() - started:.0f}s", flush=True)
     out_dir = base.work_dir / "ablation"

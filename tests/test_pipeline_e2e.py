@@ -262,7 +262,7 @@ def test_ablate_writes_the_table_and_reuses_the_baseline(project, vllm_generatio
     path, variants = run_ablation(project.root / args.config, args.profile, args.overrides,
                                   vllm_generation_engine, vllm_pooling_engine)  # fmt: skip
     table = path.read_text(encoding="utf-8")
-    assert "smoke run" in table
+    assert "Smoke run on tiny randomly initialised models" in table
     rows = {(v.table, v.label): v for v in variants}
     assert len(rows) == len(variants) == 7
     nors = rows[("d", "without ReasonSeg (nors)")]

@@ -14,13 +14,13 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_report import PROBE_PAGE, _ImageSources, run_chromium
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ITERATIONS = 10
@@ -107,16 +107,6 @@ def manifest_rows(project: Project, spec: str) -> int:
     return pq.read_metadata(project.work / "manifests" / f"{spec.replace('/', '-')}.parquet").num_rows
 
 
-class _Images(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sources: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.sources.append(dict(attrs)["src"])
-
-
 def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
     out = project.first.stdout
     train_rows, val_rows = manifest_rows(project, "reasonseg/train"), manifest_rows(project, "reasonseg/val")
@@ -132,7 +122,7 @@ def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
         assert heading in md
     assert "| reasonseg/val |" in md and "No segmentation results" not in md
     assert f"{TRAIN_ITERATIONS} logged steps" in md
-    parser = _Images()
+    parser = _ImageSources()
     parser.feed(report_html.read_text(encoding="utf-8"))
     assert "report_files/loss_curve.png" in parser.sources
     gallery = [src for src in parser.sources if "/gallery/" in src]
@@ -280,8 +270,6 @@ def test_ablate_writes_the_table_and_reuses_the_baseline(project, vllm_generatio
 
 def test_run_report_renders_with_its_images_in_chromium(project, tmp_path):
     import html
-
-    from test_report import PROBE_PAGE, run_chromium
 
     probe = tmp_path / "probe"
     shutil.copytree(project.work / "report", probe / "report")

@@ -16,6 +16,7 @@ writer never leaves a folder that looks complete. ``training_state.pt`` is read 
 from __future__ import annotations
 
 import json
+import pickle
 import logging
 import os
 import re
@@ -168,8 +169,13 @@ def load_training_state(folder: Path) -> dict[str, Any]:
     path = Path(folder) / TRAINING_STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {TRAINING_STATE_FILE}; an exported final folder cannot resume training")
-    with path.open("rb") as handle:
-        return torch.load(handle, map_location="cpu", weights_only=True)
+    try:
+        with path.open("rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(f"{path}: refused to load ({err})") from None
+    except (RuntimeError, EOFError) as err:  # truncated or not a torch file
+        raise CheckpointError(f"{path}: unreadable training state ({err})") from None
 
 
 def load_trainable_into(model: AdaptedSam, folder: Path) -> None:

@@ -217,8 +217,14 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line; a line torn by a killed writer is ended first, so only that line is lost."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as tail:
+            tail.seek(-1, 2)
+            torn = tail.read(1) != b"\n"
     with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(("\n" if torn else "") + json.dumps(record) + "\n")
         handle.flush()
 
 

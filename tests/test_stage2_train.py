@@ -217,3 +217,16 @@ def test_a_killed_worker_is_replaced_and_training_continues_exactly(world, run, 
     theirs = load_file(str(run.result.checkpoint_dir / WEIGHTS_FILE))
     assert result.train_name == run.result.train_name
     assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
+
+
+def test_a_torn_metrics_line_loses_only_itself(tmp_path):
+    from stage2_segment.train import METRICS_FILE, _append_jsonl
+
+    path = tmp_path / METRICS_FILE
+    _append_jsonl(path, {"step": 1, "loss": 1.0})
+    with path.open("a") as handle:
+        handle.write('{"step": 2, "lo')  # a writer killed mid-line
+    _append_jsonl(path, {"event": "start", "resumed_from_step": 0})
+    _append_jsonl(path, {"step": 1, "loss": 1.0})
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"event": "start", "resumed_from_step": 0},
+                                      {"step": 1, "loss": 1.0}]  # fmt: skip

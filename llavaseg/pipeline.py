@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from shared.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -134,17 +136,11 @@ def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Pat
     """The evaluation of ``checkpoint_dir`` on ``sources``; an earlier ``metrics.json`` of the same checkpoint, step,
     sources and sample limit is reused. Returns (metrics, reused)."""
     from stage2_segment.checkpoint import read_meta
-    from stage2_segment.evaluate import evaluate
+    from stage2_segment.evaluate import evaluate, evaluation_identity, evaluation_name
 
     meta = read_meta(checkpoint_dir)
-    name = f"{meta['train_name']}-step{meta['step']:06d}"
-    expected = {
-        "checkpoint": str(Path(checkpoint_dir).resolve()),
-        "step": meta["step"],
-        "sources": [{"spec": s.spec, "manifest": str(Path(s.manifest).resolve()), "run_key": s.run_key}
-                    for s in sources],
-        "max_samples_per_manifest": config.data.max_samples_per_manifest,
-    }  # fmt: skip
+    name = evaluation_name(meta)
+    expected = evaluation_identity(config, sources, checkpoint_dir, meta)
     path = config.work_dir / "eval" / name / "metrics.json"
     if path.is_file():
         try:
@@ -157,30 +153,22 @@ def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Pat
     return evaluate(config, sources, checkpoint_dir, name=name), False
 
 
-def stage1_texts(sources: list) -> dict[str, dict[str, Any]]:
-    """sample_id -> {status, reason_answer} of the sources' done shards (for the report's dialogue and gallery)."""
+def stage1_answers(sources: list) -> pa.Table:
+    """sample_id, status and reason_answer of the sources' done shards (for the report's dialogue and gallery)."""
     from shared.shards import read_shards
 
-    texts: dict[str, dict[str, Any]] = {}
-    for source in sources:
-        table = read_shards(source.shard_dir, source.run_key, columns=["sample_id", "status", "reason_answer"])
-        for row in table.to_pylist():
-            texts[row["sample_id"]] = row
-    return texts
+    columns = ["sample_id", "status", "reason_answer"]
+    return pa.concat_tables([read_shards(s.shard_dir, s.run_key, columns=columns) for s in sources])
 
 
-def dialogue_for(sources: list, texts: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def dialogue_for(sources: list, answers: pa.Table) -> dict[str, Any] | None:
     """ROUGE-L / CIDEr of the step-1 answers against the manifests' reference answers (None without references)."""
     import pyarrow.parquet as pq
 
-    from llavaseg.dialogue import dialogue_scores
+    from llavaseg.dialogue import dialogue_scores_from_tables
 
-    references: dict[str, Any] = {}
-    for source in sources:
-        table = pq.read_table(source.manifest, columns=["sample_id", "reference_answer"])
-        references.update(zip(table["sample_id"].to_pylist(), table["reference_answer"].to_pylist()))
-    candidates = {sid: row["reason_answer"] for sid, row in texts.items() if row["status"] == "ok"}
-    scores = dialogue_scores(candidates, references)
+    manifests = pa.concat_tables([pq.read_table(s.manifest, columns=["sample_id", "reference_answer"]) for s in sources])
+    scores = dialogue_scores_from_tables(answers, manifests)
     return scores if scores["count"] else None
 
 
@@ -198,10 +186,10 @@ def write_run_report(
     from llavaseg.report import write_report
     from stage2_segment.train import read_metrics
 
-    texts = stage1_texts(sources)
-    dialogue = dialogue_for(sources, texts)
-    gallery = [{**case, "reason_answer": (texts.get(case["sample_id"]) or {}).get("reason_answer")}
-               for case in metrics.get("gallery") or []]  # fmt: skip
+    answers = stage1_answers(sources)
+    dialogue = dialogue_for(sources, answers)
+    by_id = dict(zip(answers["sample_id"].to_pylist(), answers["reason_answer"].to_pylist()))
+    gallery = [{**case, "reason_answer": by_id.get(case["sample_id"])} for case in metrics.get("gallery") or []]
     summary_path = Path(stage1_run_dir) / "summary.json"
     stage1 = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     loss_curve = [r for r in read_metrics(trained.output_dir) if "step" in r]

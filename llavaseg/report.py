@@ -337,7 +337,7 @@ def _stage1_section(page: _Page, stage1: Mapping[str, Any]) -> None:
     rows = [[k.replace("_", " "), str(v) if isinstance(v, str) else _integer(v) if isinstance(v, int) else f"{v:.2f}"]
             for k, v in _scalar_items(stage1)]  # fmt: skip
     if _is_number(seconds) and _is_number(generated) and seconds > 0 and generated > 0:
-        rows.append(["generation throughput", f"{generated / seconds:.2f} samples/s"])
+        rows.append(["generation throughput", f"{generated / seconds:.2f} samples/s"])  # this call, wall clock
     page.table(["", "value"], rows)
     per_manifest = stage1.get("per_manifest") or {}
     if per_manifest:

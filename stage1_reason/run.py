@@ -448,7 +448,7 @@ def run_stage1(
     shards.write_json_atomic(run_dir / "summary.json", {
         "run_key": key, "new_rows": summary.new_rows, "reused_rows": summary.reused_rows, "errors": summary.errors,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
-        "generation_samples_per_s": summary.generation_rate(),
+        "samples_per_s_in_generate_calls": summary.generation_rate(),  # every done shard, engine starts excluded
         "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),
                              "embed_seconds": round(v.embed_seconds, 2)} for k, v in summary.per_manifest.items()},
     })  # fmt: skip

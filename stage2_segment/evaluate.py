@@ -103,6 +103,25 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80]
 
 
+def evaluation_name(meta: dict[str, Any]) -> str:
+    """``<train name>-step<NNNNNN>``: the folder under ``<work_dir>/eval/`` of a checkpoint's evaluation."""
+    return f"{meta['train_name']}-step{meta['step']:06d}"
+
+
+def evaluation_identity(
+    config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """What an evaluation's numbers depend on (checkpoint, step, sources, sample limit); stored in ``metrics.json`` so
+    an equal identity means the stored numbers can be reused."""
+    return {
+        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        "step": meta["step"],
+        "sources": [{"spec": src.spec, "manifest": str(Path(src.manifest).resolve()), "run_key": src.run_key}
+                    for src in sources],
+        "max_samples_per_manifest": config.data.max_samples_per_manifest,
+    }  # fmt: skip
+
+
 def evaluate(
     config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, name: str | None = None
 ) -> dict[str, Any]:
@@ -112,7 +131,7 @@ def evaluate(
     device = inference_device(config)
     model, meta = load_trained_model(Path(checkpoint_dir), device)
     use_bf16 = config.stage2.precision == "bf16" and device.type == "cuda"
-    name = name or f"{meta['train_name']}-step{meta['step']:06d}"
+    name = name or evaluation_name(meta)
     out_dir = config.work_dir / "eval" / name
     index = build_index(sources, config.data.max_samples_per_manifest)
     image_size = get_variant(meta["model"]["variant"]).image_size
@@ -156,13 +175,9 @@ def evaluate(
     overlays, gallery = _write_overlays(dataset, kept, specs, per_sample_iou, rles, out_dir)
     metrics = {
         "name": name,
-        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        **evaluation_identity(config, sources, checkpoint_dir, meta),
         "train_name": meta["train_name"],
-        "step": meta["step"],
         "sam_checkpoint": meta.get("sam_checkpoint"),
-        "sources": [{"spec": src.spec, "manifest": str(Path(src.manifest).resolve()), "run_key": src.run_key}
-                    for src in sources],
-        "max_samples_per_manifest": config.data.max_samples_per_manifest,
         "results": results,
         "unusable_samples": unusable,
         "stage1_skipped": {report.spec: report.describe() for report in index.reports},

@@ -28,6 +28,7 @@ class PromptSet:
 
     reason_template: str  # step 1; "{query}" is replaced by the user query
     target_attribute_prompt: str  # steps 2+3, the second turn
+    target_prompt: str  # step 2 alone (the step-1+2 ablation), the second turn; may use {question} and {answer}
 
 
 PROMPTS: dict[str, PromptSet] = {
@@ -38,6 +39,10 @@ PROMPTS: dict[str, PromptSet] = {
             "distinct physical objects or areas that the asker wants from the image. (2) Briefly describe the target "
             "entity or part's visual attributes that can discriminate them from the image. Each visual attribute can "
             "be color, shape, and relative position to other objects in the image."
+        ),
+        target_prompt=(
+            "Please analyze the conversation and identify the distinct physical objects or areas that the user wants "
+            "from the image."
         ),
     ),
 }
@@ -81,6 +86,15 @@ def target_attribute_messages(question: str, reason_answer: str, prompt_version:
     return reason_messages(question) + [
         {"role": "assistant", "content": [_text(reason_answer.strip())]},
         {"role": "user", "content": [_text(prompt_set(prompt_version).target_attribute_prompt)]},
+    ]
+
+
+def target_messages(question: str, reason_answer: str, prompt_version: str = PROMPT_VERSION) -> list[Message]:
+    """Turn 2 for step 2 alone (paper Table 3a, steps 1+2): turn 1, the step-1 answer, then the target prompt."""
+    prompt = prompt_set(prompt_version).target_prompt.format(question=question, answer=reason_answer.strip())
+    return reason_messages(question) + [
+        {"role": "assistant", "content": [_text(reason_answer.strip())]},
+        {"role": "user", "content": [_text(prompt)]},
     ]
 
 

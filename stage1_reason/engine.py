@@ -407,7 +407,8 @@ def run_chain_of_thought(
         outputs[request.key] = _finish(
             ReasonOutput(
                 request.key, question, first.text, result.text, parsed.target, parsed.attributes, parsed.parse_status,
-                prompts.seg_text(cot_steps, first.text, parsed.target, parsed.attributes), request.messages,
+                prompts.seg_text(cot_steps, first.text, parsed.target, parsed.attributes, seg_answer=result.text),
+                request.messages,
                 first.num_tokens + result.num_tokens,
             )
         )

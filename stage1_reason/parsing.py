@@ -1,19 +1,29 @@
-"""Split the merged step-2/3 answer into the ``target`` and its visual ``attributes``.
+"""Split a step-2 or merged step-2/3 answer into the ``target`` and its visual ``attributes``.
 
 Recognised shapes, tried in this order (``parse_status = "ok"``):
 
 1. Labels: ``Target: the fire. Attributes: bright orange ...`` (also "Target entity:", "Visual attributes:", markdown
    bold).
 2. Numbered items answering the two guidelines: ``(1) ... (2) ...``, ``1. ... 2. ...``, ``1) ... 2) ...``.
-3. Prose: ``The user wants the fire from the image. The fire can be discriminated by ...`` (also "asker", "is asking
-   for", "is looking for"), ``The target (entity) is ...``, ``The distinct physical object that the user wants is
-   ...``, and ``The user wants the fire.`` without naming the image.
+3. Prose, in the wordings LLaVA-1.5 writes (paper Sec. 3.2 and Figure 4):
+
+   - ``The target entity in the image is the piano bench.``, ``The target in the image is ...``, ``In the image, the
+     target is ...``, ``The target (entity|object|region) is ...``;
+   - ``The object that the asker wants from the image is the piano bench``, ``The distinct physical object that the
+     user wants is ...``;
+   - ``The user wants the fire from the image.`` (also "asker", "is asking for", "is looking for", and without naming
+     the image).
 
 In 2 the target is the noun phrase named by a prose pattern inside item 1 when there is one (``the fire``), else item 1
-itself; the attributes are item 2 and anything after it. In 3 the attributes are the text after the target's sentence.
+itself; the attributes are item 2 and anything after it. In 3 the target ends at a following clause (``, which ...``,
+``, located ...``), and the attributes are that clause and everything after it, or else the text after the target's
+sentence.
 
 Fallback (``parse_status = "fallback"``): the target is the first sentence and the attributes are the rest; an answer of
 one sentence becomes the target with empty attributes; an empty answer gives two empty strings.
+
+In cot_steps 3 the merged answer is embedded as written (see ``prompts.seg_text``); the parse is for display and for the
+step-1+2 ablation, whose embedded text is the target.
 """
 
 from __future__ import annotations
@@ -23,30 +33,49 @@ from dataclasses import dataclass
 
 PARSE_OK = "ok"
 PARSE_FALLBACK = "fallback"
+PARSER_VERSION = 2  # part of the stage-1 run key: a parser that reads answers differently makes different rows
 
 _IMAGE_WORD = r"(?:image|picture|photo|photograph|scene)"
+_IMAGE_PHRASE = r"(?:from|in|within|of)\s+(?:the|this)\s+" + _IMAGE_WORD + r"\b"
+_WANTS = (
+    r"(?:wants|want|is\s+asking\s+(?:for|about)|asks\s+for|is\s+looking\s+for|is\s+referring\s+to|refers\s+to|needs|"
+    r"is\s+interested\s+in)"
+)
+_WHO = r"(?:user|asker|person|question|query)"
 _TARGET_PATTERNS = [
-    # "The user wants the fire from the image", "the asker is asking for the red cup in this picture"
+    # "The object that the asker wants from the image is the piano bench",
+    # "The distinct physical object that the user wants is the knife"
     re.compile(
-        r"\b(?:user|asker|person|question|query)\s+(?:wants|want|is\s+asking\s+(?:for|about)|is\s+looking\s+for|"
-        r"is\s+referring\s+to|refers\s+to|needs|is\s+interested\s+in)\s+(?:to\s+(?:find|see|identify|segment)\s+)?"
-        r"(?P<target>.+?)\s+(?:from|in|within|of)\s+(?:the|this)\s+" + _IMAGE_WORD + r"\b",
+        r"\b(?:objects?|entit(?:y|ies)|areas?|regions?|parts?|things?)\s+(?:that|which)\s+the\s+" + _WHO + r"\s+"
+        + _WANTS + r"(?:\s+" + _IMAGE_PHRASE + r")?\s+(?:is|are)\s+(?P<target>[^.;\n]+)",
         re.IGNORECASE,
     ),
-    # "The target (entity|object|region) is the fire", "The distinct physical object that the user wants is the fire"
+    # "The user wants the fire from the image", "the asker is asking for the red cup in this picture"
     re.compile(
-        r"\b(?:target(?:\s+(?:entity|object|region|area|part))?"
-        r"|distinct\s+physical\s+(?:object|area)s?(?:\s+\w+){0,8}?)"
+        r"\b" + _WHO + r"\s+" + _WANTS + r"\s+(?:to\s+(?:find|see|identify|segment)\s+)?"
+        r"(?!" + _IMAGE_PHRASE + r")(?P<target>.+?)\s+" + _IMAGE_PHRASE,
+        re.IGNORECASE,
+    ),
+    # "The target entity in the image is the piano bench", "In the image, the target is ...", "The target is ..."
+    re.compile(
+        r"\btarget(?:\s+(?:entity|entities|object|objects|region|area|part))?(?:\s+" + _IMAGE_PHRASE + r")?"
         r"\s+(?:is|are)\s+(?P<target>[^.;\n]+)",
         re.IGNORECASE,
     ),
     # "The user wants the fire." (no image phrase)
     re.compile(
         r"\b(?:user|asker)\s+(?:wants|is\s+asking\s+for|is\s+looking\s+for|is\s+referring\s+to)\s+"
-        r"(?P<target>[^.;:\n]+)",
+        r"(?!" + _IMAGE_PHRASE + r")(?P<target>[^.;:\n]+)",
         re.IGNORECASE,
     ),
 ]
+# A clause after the target's name: ", which is black", ", located in front of the piano".
+_FOLLOWING_CLAUSE = re.compile(
+    r",\s*(?=(?:which|that|who|whose|where|located|positioned|situated|placed|sitting|standing|lying|hanging|"
+    r"found)\b)",
+    re.IGNORECASE,
+)
+_LEADING_IMAGE_PHRASE = re.compile(r"^\s*" + _IMAGE_PHRASE, re.IGNORECASE)
 _TARGET_LABEL = re.compile(
     r"(?:^|\n|\s)(?:target(?:\s+(?:entity|object|name|region|area|part))?)\s*:\s*(?P<target>.+?)\s*"
     r"(?=\n|(?:(?:visual\s+)?attributes?|description)\s*:|$)",
@@ -86,11 +115,18 @@ def _tidy_target(text: str) -> str:
     return _TRAILING_MARKER.sub("", _tidy(text)).rstrip(" .")
 
 
-def _find_target_phrase(text: str) -> re.Match | None:
+def _find_target_phrase(text: str) -> tuple[str, int] | None:
+    """The target named by the first matching prose pattern, cut at a following clause, and where it ends in text."""
     for pattern in _TARGET_PATTERNS:
         match = pattern.search(text)
-        if match and _tidy_target(match.group("target")):
-            return match
+        if not match:
+            continue
+        raw = match.group("target")
+        clause = _FOLLOWING_CLAUSE.search(raw)
+        if clause:
+            raw = raw[: clause.start()]
+        if _tidy_target(raw):
+            return _tidy_target(raw), match.start("target") + len(raw)
     return None
 
 
@@ -98,6 +134,14 @@ def _sentence_end_after(text: str, position: int) -> int:
     """Index just past the sentence that contains ``position``."""
     match = _SENTENCE_END.search(text, position)
     return match.start() if match else len(text)
+
+
+def _attributes_after(text: str, end: int) -> str:
+    """A clause right after the target (", which is black ...") and what follows, else the sentences after it."""
+    tail = _LEADING_IMAGE_PHRASE.sub("", text[end:], count=1)
+    if _FOLLOWING_CLAUSE.match(tail):
+        return _tidy(tail.lstrip(" ,"))
+    return _tidy(text[_sentence_end_after(text, end):])
 
 
 def _parse_labels(text: str) -> ParsedAnswer | None:
@@ -120,19 +164,19 @@ def _parse_numbered(text: str) -> ParsedAnswer | None:
     rest = text[second.end():]
     rest = re.sub(_ITEM_MARKER.format(n=r"\d"), " ", rest)  # "(3) ..." and later items stay in the attributes
     phrase = _find_target_phrase(item_one)
-    target = phrase.group("target") if phrase else _LEADING_FILLER.sub("", item_one.strip())
-    if not _tidy_target(target):
+    target = phrase[0] if phrase else _tidy_target(_LEADING_FILLER.sub("", item_one.strip()))
+    if not target:
         return None
     rest = _LEADING_ATTRIBUTES_LABEL.sub("", rest.strip())
-    return ParsedAnswer(_tidy_target(target), _tidy(rest), PARSE_OK)
+    return ParsedAnswer(target, _tidy(rest), PARSE_OK)
 
 
 def _parse_prose(text: str) -> ParsedAnswer | None:
-    match = _find_target_phrase(text)
-    if not match:
+    found = _find_target_phrase(text)
+    if not found:
         return None
-    attributes = text[_sentence_end_after(text, match.end("target")):]
-    return ParsedAnswer(_tidy_target(match.group("target")), _tidy(attributes), PARSE_OK)
+    target, end = found
+    return ParsedAnswer(target, _attributes_after(text, end), PARSE_OK)
 
 
 def _fallback(text: str) -> ParsedAnswer:
@@ -144,7 +188,7 @@ def _fallback(text: str) -> ParsedAnswer:
 
 
 def parse_merged_answer(answer: str) -> ParsedAnswer:
-    """Target and attributes of a merged step-2/3 answer; see the module docstring for the shapes and the fallback."""
+    """Target and attributes of a step-2 or merged step-2/3 answer; see the module docstring for the shapes."""
     text = _clean(answer or "")
     if not text:
         return ParsedAnswer("", "", PARSE_FALLBACK)

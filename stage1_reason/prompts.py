@@ -6,7 +6,9 @@ implementation, into the second turn of the same conversation. Conversations are
 content part, rendered by the model's own chat template, so any vLLM-supported VLM gets its native prompt format.
 
 ``cot_steps`` selects what is embedded for the segmentation model (paper Table 3a): 1 = the step-1 answer, 2 = the
-target, 3 = the target and its visual attributes (the default).
+target, 3 = the merged step-2/3 answer as the MLLM wrote it (the default): it holds the target's name and its visual
+attributes (Sec. 3.3), and it does not depend on the parser. ``SEG_TEXT_RULES`` says the same in words; it is part of
+the stage-1 run key, so a change of rule cannot reuse old shards.
 
 Changing any prompt text means a new ``PromptSet`` under a new version: the version is part of every stage-1 output key.
 """
@@ -126,12 +128,23 @@ def join_target_attributes(target: str, attributes: str) -> str:
     return f"{target.rstrip(' .')}. {attributes}"
 
 
-def seg_text(cot_steps: int, reason_answer: str, target: str, attributes: str) -> str:
-    """The text whose MLLM embeddings prompt the segmentation model, for a CoT ablation mode (paper Table 3a)."""
+SEG_TEXT_RULES = {
+    1: "step-1 answer as written",
+    2: "target parsed from the step-2 answer",
+    3: "merged step-2/3 answer as written",
+}
+
+
+def seg_text(cot_steps: int, reason_answer: str, target: str, attributes: str, seg_answer: str = "") -> str:
+    """The text whose MLLM embeddings prompt the segmentation model, for a CoT ablation mode (paper Table 3a).
+
+    In mode 3 it is ``seg_answer`` (the merged step-2/3 answer) as written; without one (callers that only hold the
+    parsed parts) the target and attributes joined.
+    """
     if cot_steps == 1:
         return reason_answer.strip()
     if cot_steps == 2:
         return target.strip()
     if cot_steps == 3:
-        return join_target_attributes(target, attributes)
+        return seg_answer.strip() or join_target_attributes(target, attributes)
     raise ValueError(f"cot_steps must be one of {COT_STEPS}, got {cot_steps!r}")

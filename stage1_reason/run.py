@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from shared import shards
 from shared.config import PipelineConfig
-from stage1_reason import prompts
+from stage1_reason import parsing, prompts
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.tiny_model import resolve_model
 
@@ -127,6 +127,8 @@ def run_settings(config: PipelineConfig, model_path: str) -> dict[str, Any]:
         "prompt_version": s1.prompt_version,
         "prompts": prompts.prompt_set(s1.prompt_version).__dict__,
         "cot_steps": s1.cot_steps,
+        "seg_text_rule": prompts.SEG_TEXT_RULES[s1.cot_steps],
+        "parser_version": parsing.PARSER_VERSION,
         "embed_mode": s1.embed_mode,
         "max_embed_tokens": s1.max_embed_tokens,
         "max_new_tokens": s1.max_new_tokens,

@@ -61,7 +61,7 @@ def test_second_turn_continues_the_first(vllm_outputs, demo_samples) -> None:
         assert out.reason_question == question
         assert out.context_messages == prompts.target_attribute_messages(question, out.reason_answer)
         assert out.parse_status in ("ok", "fallback")
-        assert out.seg_text == prompts.seg_text(3, out.reason_answer, out.target, out.attributes)
+        assert out.seg_text == out.target_attribute_answer  # embedded as written, not rebuilt from the parse
 
 
 def test_cot_modes_one_and_two(vllm_generation_engine: VllmBackend, demo_samples, vllm_outputs) -> None:

@@ -108,7 +108,77 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("answer", "target", "attributes"), CASES)
+# Every step-2 and step-3 text printed in the paper (Sec. 3.2 and Figure 4), and the answers of the shapes LLaVA-1.5
+# writes (a following clause ends the target).
+PAPER_CASES = [
+    pytest.param("The target entity in the image is the piano bench.", "the piano bench", "", id="fig4-1-step2"),
+    pytest.param(
+        "The target entity in the image is the piano bench, which is a seating area designed for the pianist to sit "
+        "while playing the grand piano. The bench is located in front of the piano, providing a comfortable and "
+        "ergonomic position for the pianist. There is only one piano bench in the image, and it is black in color.",
+        "the piano bench",
+        "which is a seating area designed for the pianist to sit while playing the grand piano. The bench is located in "
+        "front of the piano, providing a comfortable and ergonomic position for the pianist. There is only one piano "
+        "bench in the image, and it is black in color.",
+        id="fig4-1-step3",
+    ),
+    pytest.param("The target entity in the image is the bark of the tree.", "the bark of the tree", "",
+                 id="fig4-2-step2"),
+    pytest.param(
+        "In the image, the target is the bark of the tree. It has a rough texture and a brown color, which can "
+        "discriminate it from the tree's leaves and branches. The bark is also the area where the large insect, "
+        "possibly a caterpillar, is clinging to.",
+        "the bark of the tree",
+        "It has a rough texture and a brown color, which can discriminate it from the tree's leaves and branches. The "
+        "bark is also the area where the large insect, possibly a caterpillar, is clinging to.",
+        id="fig4-2-step3",
+    ),
+    pytest.param("The target entity in the image is the wedding ring on the man's finger.",
+                 "the wedding ring on the man's finger", "", id="fig4-3-step2"),
+    pytest.param(
+        "The target in the image is the wedding ring on the man's finger. It has a circular shape and is made of "
+        "metal, which can discriminate it from the other objects in the image.",
+        "the wedding ring on the man's finger",
+        "It has a circular shape and is made of metal, which can discriminate it from the other objects in the image.",
+        id="fig4-3-step3",
+    ),
+    pytest.param("The target entity in the image is the man standing behind the young girl.",
+                 "the man standing behind the young girl", "", id="fig4-4-step2"),
+    pytest.param(
+        "The target in the image is the man standing behind the young girl. He is wearing a black jacket, which can be "
+        "used to discriminate him from the other people in the scene.",
+        "the man standing behind the young girl",
+        "He is wearing a black jacket, which can be used to discriminate him from the other people in the scene.",
+        id="fig4-4-step3",
+    ),
+    pytest.param("The user wants the fire from the image.", "the fire", "", id="sec3.2-step2"),
+    pytest.param("The object that the asker wants from the image is the piano bench", "the piano bench", "",
+                 id="object-that-the-asker-wants"),
+    pytest.param(
+        "The user wants the fire from the image, which is bright orange and surrounded by grey rocks.",
+        "the fire", "which is bright orange and surrounded by grey rocks.", id="which-clause-after-image",
+    ),
+    pytest.param(
+        "The user wants the piano bench from the image, located in front of the grand piano.",
+        "the piano bench", "located in front of the grand piano.", id="located-clause",
+    ),
+    pytest.param(
+        "The target entity in the image is the piano bench, located in front of the grand piano. It is black.",
+        "the piano bench", "located in front of the grand piano. It is black.", id="target-entity-located-clause",
+    ),
+    pytest.param(
+        "The distinct physical objects or areas that the asker wants from the image are the rocks and the leaf.",
+        "the rocks and the leaf", "", id="areas-that-the-asker-wants-are",
+    ),
+    pytest.param("The user wants the green circle from the image.", "the green circle", "", id="step2-alone"),
+    pytest.param(
+        "The target entity in the image is the green circle. It is green and round, to the left of the red square.",
+        "the green circle", "It is green and round, to the left of the red square.", id="merged-target-entity",
+    ),
+]
+
+
+@pytest.mark.parametrize(("answer", "target", "attributes"), CASES + PAPER_CASES)
 def test_recognised_shapes_parse_ok(answer: str, target: str, attributes: str) -> None:
     parsed = parse_merged_answer(answer)
     assert (parsed.target, parsed.attributes, parsed.parse_status) == (target, attributes, PARSE_OK)

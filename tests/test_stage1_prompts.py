@@ -54,17 +54,36 @@ def test_two_turns_render_in_the_llava_template(tiny_llava_dir: Path) -> None:
     assert turn_two == f"USER: <image>\n{question} ASSISTANT: It is a red circle. USER: {MERGED} ASSISTANT:"
 
 
+MERGED_ANSWER = "The user wants the fire from the image, which is bright orange and surrounded by grey rocks."
+
+
 @pytest.mark.parametrize(
     ("steps", "expected"),
     [
         (1, "It is the fire in the pit."),
         (2, "the fire"),
-        (3, "the fire. It is bright orange, in the middle of the pit."),
+        (3, MERGED_ANSWER),  # as the MLLM wrote it: the attributes in the target's sentence are kept
     ],
 )
 def test_seg_text_per_cot_mode(steps: int, expected: str) -> None:
-    attributes = "It is bright orange, in the middle of the pit."
-    assert prompts.seg_text(steps, " It is the fire in the pit. ", "the fire", attributes) == expected
+    attributes = "which is bright orange and surrounded by grey rocks."
+    seg_answer = f" {MERGED_ANSWER} "
+    assert prompts.seg_text(steps, " It is the fire in the pit. ", "the fire", attributes, seg_answer=seg_answer) == expected
+
+
+def test_seg_text_rules_name_each_mode() -> None:
+    assert prompts.SEG_TEXT_RULES == {
+        1: "step-1 answer as written",
+        2: "target parsed from the step-2 answer",
+        3: "merged step-2/3 answer as written",
+    }
+
+
+def test_seg_text_without_the_merged_answer_joins_the_parts() -> None:
+    assert prompts.seg_text(3, "answer", "the fire", "It is bright orange.") == "the fire. It is bright orange."
+    assert prompts.seg_text(3, "answer", "the fire", "It is bright orange.", seg_answer="  ") == (
+        "the fire. It is bright orange."
+    )
 
 
 def test_seg_text_with_a_missing_part() -> None:

@@ -43,7 +43,11 @@ def prepare(config: PipelineConfig, build_models: bool = True) -> list[ManifestE
     started = time.perf_counter()
     if config.data.generate_demo:
         generate_demo_dataset(
-            config.data_root, n_train=config.data.demo_train_images, n_val=config.data.demo_val_images, seed=0
+            config.data_root,
+            n_train=config.data.demo_train_images,
+            n_val=config.data.demo_val_images,
+            n_test=config.data.demo_test_images,
+            seed=config.data.demo_seed,
         )
     out_dir = config.work_dir / "manifests"
     entries = []

@@ -50,6 +50,8 @@ class DataConfig:
     generate_demo: bool = True
     demo_train_images: int = 48
     demo_val_images: int = 16
+    demo_test_images: int = 0
+    demo_seed: int = 0  # the demo scenes are a function of it: another seed gives fresh, held-out scenes
     max_samples_per_manifest: int = 0  # 0 = all rows; >0 keeps the first N by sample_id (smoke runs)
 
 

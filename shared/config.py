@@ -60,10 +60,18 @@ class Stage1Config:
     # "tiny-llava" (built locally under work_dir/models), a local model folder, or a hub id already in the local cache.
     model: str = "tiny-llava"
     backend: str = "vllm"  # vllm | transformers
-    prompt_version: str = "v1"
-    cot_steps: int = 3  # 1: embed the step-1 answer; 2: target only; 3: target + attributes (paper Table 3a)
+    prompt_version: str = "v1"  # v1 | v2 (paper Sec. 3.2 word for word)
+    cot_steps: int = 3  # 1: embed the step-1 answer; 2: step-2 target; 3: merged step-2/3 answer (paper Table 3a)
+    # chat_template (the model's own) | llava_v1 (LLaVA-1.5's system message and "</s>" after each assistant turn)
+    conversation_format: str = "chat_template"
+    image_pad_to_square: bool = False  # LLaVA-1.5's expand2square (CLIP mean colour) instead of the processor's crop
+    # Per dataset family: "mllm" asks the MLLM the step-1 question; "template" simulates step 1 with Q-A templates
+    # (paper Sec. 3.4). Families not listed use the MLLM.
+    step1_source: dict[str, str] = field(
+        default_factory=lambda: {"semantic": "mllm", "referring": "mllm", "reasoning": "mllm"}
+    )
     embed_mode: str = "hidden"  # hidden | input
-    max_embed_tokens: int = 64
+    max_embed_tokens: int = 64  # tokens of seg_text kept (the first ones); shards record the count before the cap
     max_new_tokens: int = 48
     dtype: str = "float32"
     max_model_len: int = 2048
@@ -149,11 +157,16 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple] = {
     "stage1.backend": ("vllm", "transformers"),
     "stage1.cot_steps": (1, 2, 3),
+    "stage1.prompt_version": ("v1", "v2"),
+    "stage1.conversation_format": ("chat_template", "llava_v1"),
     "stage1.embed_mode": ("hidden", "input"),
     "stage1.dtype": ("float32", "float16", "bfloat16", "auto"),
     "stage2.sam_variant": ("vit_h", "vit_l", "vit_b", "tiny"),
     "stage2.precision": ("fp32", "bf16"),
 }
+
+STEP1_FAMILIES = ("reasoning", "referring", "semantic")  # shared.schema.FAMILIES
+STEP1_SOURCES = ("template", "mllm")
 
 POSITIVE: tuple[str, ...] = (
     "stage1.max_embed_tokens", "stage1.max_new_tokens", "stage1.max_model_len", "stage1.tensor_parallel_size",
@@ -269,6 +282,11 @@ def _validate(raw: dict) -> tuple[dict[str, Any], list[str]]:
         value = getattr(sections[section], key)
         if isinstance(value, int) and value <= 0:
             problems.append(f"{dotted}: must be > 0, got {value}")
+    for family, source in sections["stage1"].step1_source.items():
+        if family not in STEP1_FAMILIES:
+            problems.append(f"stage1.step1_source.{family}: unknown dataset family (have: {', '.join(STEP1_FAMILIES)})")
+        if source not in STEP1_SOURCES:
+            problems.append(f"stage1.step1_source.{family}: {source!r} is not one of 'template', 'mllm'")
     return sections, problems
 
 

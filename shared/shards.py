@@ -5,9 +5,10 @@ A run folder holds one sub-folder per manifest (``<dataset>-<split>/``) with fix
     00000.parquet      rows of manifest rows [0, shard_size) in sample_id order
     00000.done.json    stats, written LAST: the only proof the shard is complete
 
-A shard is written to a temporary name and renamed; a rerun skips shards whose ``done`` file exists and whose sample ids
-match the manifest (a rebuilt manifest invalidates exactly the shards it changed). Stage 2 reads only done shards, and
-checks each one's run key and schema version, so a stray file cannot be read as data.
+A shard is written to a temporary name and renamed; a rerun skips shards whose ``done`` file exists, whose sample ids
+match the manifest (a rebuilt manifest invalidates exactly the shards it changed) and whose bytes still match the sha256
+recorded in the done file. Stage 2 reads only done shards, and checks each one's checksum, run key and schema version, so
+a stray or corrupted file cannot be read as data.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ _SHARD_RE = re.compile(r"^(\d{5})\.parquet$")
 
 class ShardError(ValueError):
     """A shard that cannot be used as data: truncated, from another run, or of another schema version."""
+
+
+def file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class ShardWriteError(OSError):
@@ -138,14 +148,19 @@ def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -
 
 
 def write_shard(table: pa.Table, shard_path: Path, stats: dict[str, Any]) -> None:
-    """Write ``table`` to ``shard_path`` atomically, then the done file (stats + row ids digest) last.
+    """Write ``table`` to ``shard_path`` atomically, then the done file (stats, row ids digest, content sha256) last.
 
     Raises:
         ShardWriteError: the shard or its done file could not be written (named, with the OS error); the shard is then
             not done, and a rerun redoes it.
     """
     write_table_atomic(table, shard_path)
-    stats = dict(stats, rows=table.num_rows, ids_digest=ids_digest(table.column("sample_id").to_pylist()))
+    stats = dict(
+        stats,
+        rows=table.num_rows,
+        ids_digest=ids_digest(table.column("sample_id").to_pylist()),
+        content_sha256=file_sha256(shard_path),
+    )
     write_json_atomic(done_path(shard_path), stats)
 
 
@@ -193,10 +208,13 @@ def is_done(shard_path: Path, expected_ids: list[str], expected_run_key: str | N
 
     Beyond the done file, the Parquet footer must read back with the done file's row count, the shard schema version
     this code writes (when the file carries one) and, if given, ``expected_run_key``. Only the footer is read, so a
-    shard damaged or replaced after it was marked done is redone instead of being skipped forever.
+    shard damaged or replaced after it was marked done is redone instead of being skipped forever. The file's bytes must
+    match the done file's ``content_sha256`` (a done file without one, from an older writer, does not count as done).
     """
     done = read_done(shard_path)
     if not done or not shard_path.is_file() or done.get("ids_digest") != ids_digest(expected_ids):
+        return False
+    if checksum_problem(shard_path, done) is not None:
         return False
     try:
         footer = pq.read_metadata(shard_path)
@@ -227,10 +245,31 @@ class ShardInfo:
     metadata: dict[str, str]
 
 
+def checksum_problem(shard_path: Path, done: dict[str, Any]) -> str | None:
+    """Why the shard's bytes do not match its done file's ``content_sha256`` (None when they do)."""
+    expected = done.get("content_sha256")
+    if not isinstance(expected, str):
+        return "its done marker records no content checksum (written by an older version)"
+    try:
+        actual = file_sha256(shard_path)
+    except OSError as error:
+        return f"it cannot be read ({os.strerror(error.errno) if error.errno else error})"
+    if actual != expected:
+        return f"its content sha256 {actual[:16]}... differs from the {expected[:16]}... recorded when it was written"
+    return None
+
+
 def open_shard(shard_path: Path, expected_run_key: str | None = None) -> pq.ParquetFile:
-    """Open a done shard after checking it is whole, of this schema version, and from the expected run."""
-    if read_done(shard_path) is None:
+    """Open a done shard after checking its checksum, that it is whole, of this schema version, and of the expected run."""
+    done = read_done(shard_path)
+    if done is None:
         raise ShardError(f"{shard_path}: no done marker; the shard is incomplete and is not read")
+    problem = checksum_problem(shard_path, done)
+    if problem is not None:
+        raise ShardError(
+            f"{shard_path}: refused, {problem}; the file was changed or corrupted after it was marked done. "
+            "Rerun the command that wrote it (`llavaseg reason` for stage-1 shards) to redo it"
+        )
     try:
         pf = pq.ParquetFile(shard_path)
     except (pa.ArrowInvalid, OSError) as err:

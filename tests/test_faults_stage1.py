@@ -270,6 +270,31 @@ def test_stale_gen_file_of_another_manifest_version_is_regenerated(demo, uninter
     assert_same_rows(shard_rows(workspace), expected)
 
 
+def test_a_bit_flipped_done_shard_is_redone_by_reason_and_refused_by_stage2(demo, uninterrupted, tiny_llava_dir):
+    """One flipped bit in a done shard: stage 2 refuses it by name; `reason` redoes exactly that shard."""
+    from stage1_reason.run import run_stage1
+    from stage2_segment.data import Stage2Source, build_index
+
+    reference, expected = uninterrupted
+    workspace = make_workspace(demo, "work-bit-flip", tiny_llava_dir)
+    shutil.copytree(reference.run_dir, workspace.run_dir)
+    shard = workspace.run_dir / "reasonseg-val" / "00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    manifest = workspace.config.work_dir / "manifests" / "reasonseg-val.parquet"
+    ids = pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist()
+    source = Stage2Source("reasonseg/val", manifest, shard.parent, workspace.run_key)
+    with pytest.raises(shards.ShardError, match=r"reasonseg-val/00000\.parquet: refused, its content sha256"):
+        build_index([source])
+    rows_in_shard = pq.read_metadata(reference.run_dir / "reasonseg-val" / "00000.parquet").num_rows
+    manifests = sorted((workspace.config.work_dir / "manifests").glob("*.parquet"))
+    summary = run_stage1(workspace.config, [(path.stem.replace("-", "/", 1), path) for path in manifests])
+    assert summary.new_rows == rows_in_shard and summary.reused_rows == ROWS - rows_in_shard
+    assert_same_rows(shard_rows(workspace), expected)
+    assert build_index([source]).table.num_rows == len(ids)
+
+
 def _file_size_limit(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing

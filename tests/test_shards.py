@@ -62,7 +62,7 @@ def test_undone_foreign_and_old_shards_are_refused(tmp_path):
     with pytest.raises(shards.ShardError, match="belongs to run 'run-a', expected 'run-b'"):
         shards.read_shards(folder, expected_run_key="run-b")
     old = table.replace_schema_metadata({b"llavaseg.shard_schema_version": b"0"})
-    pq.write_table(old, path)
+    shards.write_shard(old, path, {})
     with pytest.raises(shards.ShardError, match="shard schema version '0'"):
         shards.read_shards(folder)
 
@@ -73,7 +73,49 @@ def test_truncated_shard_is_named(tmp_path):
     shards.write_shard(table, path, {})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(shards.ShardError, match=r"00003.parquet: refused, its content sha256 .* differs"):
+        shards.read_shards(path.parent)
+    assert not shards.is_done(path, ["a/b/c/0", "a/b/c/1"])
+    # Without a checksum to catch it first, an undecodable file is still named.
+    done = json.loads(shards.done_path(path).read_text())
+    done["content_sha256"] = shards.file_sha256(path)
+    shards.done_path(path).write_text(json.dumps(done))
     with pytest.raises(shards.ShardError, match=r"00003.parquet: unreadable Parquet"):
+        shards.read_shards(path.parent)
+
+
+def test_every_single_bit_flip_is_caught(tmp_path):
+    """Flip one real bit at 40 seeded positions of a done shard: each time the shard stops counting as done, and
+    reading it raises a ShardError that names the file (never a decoder error or silently different data)."""
+    ids = [f"demo/val/img{i}/0" for i in range(6)]
+    table, _ = _table(ids, lengths=[4] * 6)
+    path = tmp_path / "m" / shards.shard_name(0)
+    shards.write_shard(table, path, {})
+    pristine = path.read_bytes()
+    rng = np.random.default_rng(7)
+    positions = rng.choice(len(pristine) * 8, size=40, replace=False)
+    for bit in positions:
+        damaged = bytearray(pristine)
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(damaged))
+        assert not shards.is_done(path, ids), bit
+        with pytest.raises(shards.ShardError, match=r"00000.parquet: refused, its content sha256"):
+            shards.read_shards(path.parent)
+    path.write_bytes(pristine)
+    assert shards.is_done(path, ids)
+    assert shards.read_shards(path.parent).column("sample_id").to_pylist() == ids
+
+
+def test_done_marker_without_checksum_is_not_done(tmp_path):
+    ids = ["a/b/c/0"]
+    table, _ = _table(ids)
+    path = tmp_path / "m" / shards.shard_name(0)
+    shards.write_shard(table, path, {})
+    done = json.loads(shards.done_path(path).read_text())
+    del done["content_sha256"]
+    shards.done_path(path).write_text(json.dumps(done))
+    assert not shards.is_done(path, ids)
+    with pytest.raises(shards.ShardError, match="records no content checksum"):
         shards.read_shards(path.parent)
 
 

@@ -1,11 +1,17 @@
-"""`llavaseg` command line: one subcommand per job, all sharing `--config/--profile/key=value`."""
+"""`llavaseg` command line: one subcommand per job, all sharing `--config/--profile/key=value`.
+
+Config overrides (``section.key=value``) and ``-v``/``-q`` are accepted anywhere on the line, before or after the
+subcommand's options. Exit codes: 0 ok, 2 usage, config or input error, 1 runtime error, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from shared.config import DEFAULT_CONFIG_NAME, ConfigError, PipelineConfig, load_config
@@ -13,10 +19,43 @@ from shared.config import DEFAULT_CONFIG_NAME, ConfigError, PipelineConfig, load
 log = logging.getLogger("llavaseg")
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)+=")
+EPILOG = (
+    "config overrides: section.key=value anywhere on the line, e.g. stage2.lr=3e-4 ray.num_workers=8\n"
+    "exit codes: 0 ok, 2 usage/config/input error, 1 runtime error, 130 interrupted"
+)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("llavaseg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default: object) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only the summary and errors")
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG_NAME, help="pipeline TOML file (default: %(default)s)")
     parser.add_argument("--profile", default=None, help="named profile in the config file, e.g. paper-13b")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stage2.lr=3e-4")
+    _add_verbosity(parser, argparse.SUPPRESS)  # also after the subcommand; the top-level default stands otherwise
+
+
+def _checkpoint(args: argparse.Namespace, config: PipelineConfig) -> Path:
+    """``--checkpoint`` or, without it, the final checkpoint that `llavaseg train` makes for this config."""
+    from llavaseg.segment import default_checkpoint
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(config)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint folder {checkpoint} does not exist; train it with `llavaseg train` (or `llavaseg run`) "
+            "for this config, or pass --checkpoint DIR"
+        )
+    return checkpoint
 
 
 def _load(args: argparse.Namespace, check_paths: bool = True) -> PipelineConfig:
@@ -72,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from stage2_segment.evaluate import evaluate, metrics_markdown
 
     config, manifests, sources = _stage2_inputs(args)
-    metrics = evaluate(config, sources(config, manifests, config.data.eval), Path(args.checkpoint))
+    metrics = evaluate(config, sources(config, manifests, config.data.eval), _checkpoint(args, config))
     print(metrics_markdown(metrics))
     print(f"evaluation written to {config.work_dir / 'eval' / metrics['name']} (metrics.json, metrics.md, overlays/)")
     return 0
@@ -83,7 +122,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     config, manifests, sources = _stage2_inputs(args)
     out = Path(args.out) if args.out else config.work_dir / "predictions"
-    summary = infer(config, sources(config, manifests, config.data.eval), Path(args.checkpoint), out)
+    summary = infer(config, sources(config, manifests, config.data.eval), _checkpoint(args, config), out)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -113,6 +152,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_mini_models(args: argparse.Namespace) -> int:
+    from llavaseg.mini_models import build_mini_models, describe
+
+    models = ("mini-llava", "mini-sam") if args.only == "all" else (args.only,)
+    steps = {"mini-llava": args.llava_steps, "mini-sam": args.sam_steps}
+    summary = build_mini_models(Path(args.out), models, args.seed, steps, not args.no_progress, args.threads)
+    print(describe(summary))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llavaseg.pipeline import run_all
 
@@ -124,11 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llavaseg",
         description="Reasoning segmentation with a frozen multimodal LLM (LLaVASeg): cached CoT reasoning, SAM adapters.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"llavaseg {_version()}")
+    _add_verbosity(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = sub.add_parser
 
-    p = sub.add_parser("manifest", help="build one dataset's manifest Parquet from its on-disk format")
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's own keyword
+        description = help[0].upper() + help[1:] + "."
+        return add_parser(name, help=help, description=description, epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+    p = command("manifest", "build one dataset's manifest Parquet from its on-disk format")
     p.add_argument("dataset", help="reasonseg, refcoco, refcoco+, refcocog, refclef, ade20k, cocostuff, paco_lvis, pascal_part")
     p.add_argument("--root", default=None, help="data root in LISA's layout (default: [paths].data_root)")
     p.add_argument("--split", required=True, help="train, val, test, testA, ... as the dataset has them")
@@ -136,31 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("prepare", help="demo data (if configured), every configured manifest, tiny models")
+    p = command("prepare", "demo data (if configured), every configured manifest, tiny models")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("reason", help="stage 1: chain-of-thought reasoning through vLLM into Parquet shards")
+    p = command("reason", "stage 1: chain-of-thought reasoning through vLLM into Parquet shards")
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
     _add_config_args(p)
     p.set_defaults(func=cmd_reason)
 
-    p = sub.add_parser("train", help="stage 2: train the SAM adapters from stage-1 shards on Ray Train")
+    p = command("train", "stage 2: train the SAM adapters from stage-1 shards on Ray Train")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="stage 2: gIoU/cIoU of a checkpoint on the eval manifests")
-    p.add_argument("--checkpoint", required=True, help="a trained checkpoint folder (e.g. <work_dir>/stage2/<name>/final)")
+    p = command("evaluate", "stage 2: gIoU/cIoU of a checkpoint on the eval manifests")
+    p.add_argument("--checkpoint", default=None,
+                   help="a trained checkpoint folder (default: the one `llavaseg train` makes for this config)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("infer", help="stage 2: offline inference over the eval manifests' shards -> RLE predictions")
-    p.add_argument("--checkpoint", required=True, help="a trained checkpoint folder")
+    p = command("infer", "stage 2: offline inference over the eval manifests' shards -> RLE predictions")
+    p.add_argument("--checkpoint", default=None,
+                   help="a trained checkpoint folder (default: the one `llavaseg train` makes for this config)")
     p.add_argument("--out", default=None, help="output folder (default: <work_dir>/predictions)")
     _add_config_args(p)
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("segment", help="one image + one query: the MLLM's answer, target, attributes and a mask")
+    p = command("segment", "one image + one query: the MLLM's answer, target, attributes and a mask")
     p.add_argument("--image", required=True, help="an image file (JPEG, PNG, ...)")
     p.add_argument("--query", required=True, help='e.g. "where should the piano player sit?"')
     p.add_argument("--checkpoint", default=None,
@@ -171,21 +231,62 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("ablate", help="paper Table 3: CoT steps, single- vs multi-scale adapters, with/without ReasonSeg")
+    p = command("ablate", "paper Table 3: CoT steps, single- vs multi-scale adapters, with/without ReasonSeg")
     _add_config_args(p)
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("run", help="the whole pipeline on the configured data: stage 1, training, evaluation, report")
+    p = sub.add_parser("build-mini-models", help="train the demo world's mini LLaVA and mini SAM; update SHA256SUMS")
+    p.add_argument("--out", default="weights", help="weights folder (default: %(default)s)")
+    p.add_argument("--only", default="all", choices=("all", "mini-llava", "mini-sam"), help="build one model only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llava-steps", type=int, default=None, help="mini LLaVA training steps (default: its own)")
+    p.add_argument("--sam-steps", type=int, default=None, help="mini SAM pretraining steps (default: its own)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; the weights depend on it (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build_mini_models)
+
+    p = command("run", "the whole pipeline on the configured data: stage 1, training, evaluation, report")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Option strings (of the parser and every subcommand) that take a value, so `--query a.b=c` stays a value."""
+    options: set[str] = set()
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                options |= _value_options(subparser)
+        elif action.option_strings and action.nargs != 0:
+            options.update(action.option_strings)
+    return options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``section.key=value`` overrides may stand anywhere and end up in ``args.overrides``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    takes_value = _value_options(parser)
+    rest, overrides = [], []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in takes_value and index + 1 < len(argv):
+            rest += argv[index:index + 2]
+            index += 2
+            continue
+        (overrides if OVERRIDE.match(token) else rest).append(token)
+        index += 1
+    args = parser.parse_args(rest)
+    args.overrides = overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -200,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # disk full, permissions, ...: the message names the file
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; finished shards and checkpoints are kept, rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

@@ -245,9 +245,9 @@ def test_segment_equals_the_batch_pipeline_for_a_val_sample(project, vllm_genera
 def test_ablate_writes_the_table_and_reuses_the_baseline(project, vllm_generation_engine, vllm_pooling_engine,
                                                          ray_cluster):  # fmt: skip
     from llavaseg.ablate import run_ablation
-    from llavaseg.cli import build_parser
+    from llavaseg.cli import parse_args
 
-    args = build_parser().parse_args([*project.argv("ablate"), *project.overrides])
+    args = parse_args([*project.argv("ablate"), *project.overrides])
     assert args.func.__name__ == "cmd_ablate"
     path, variants = run_ablation(project.root / args.config, args.profile, args.overrides,
                                   vllm_generation_engine, vllm_pooling_engine)  # fmt: skip

@@ -162,6 +162,13 @@ def cmd_build_mini_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from llavaseg.status import collect_status
+
+    print(collect_status(_load(args, check_paths=False)).describe())
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from llavaseg.pipeline import run_all
 
@@ -244,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads; the weights depend on it (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build_mini_models)
+
+    p = command("status", "what exists and what is done for this config: manifests, stage-1 shards, training, scores")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_status)
 
     p = command("run", "the whole pipeline on the configured data: stage 1, training, evaluation, report")
     _add_config_args(p)

@@ -96,7 +96,7 @@ def project(tmp_path_factory, tiny_llava_dir) -> Project:
     shutil.copy(REPO / "pipeline.toml", root / "pipeline.toml")
     overrides = reduced_overrides(tiny_llava_dir)
     readme = readme_walkthrough()
-    assert set(readme) == {"run", "segment", "evaluate", "infer", "ablate"}
+    assert set(readme) == {"run", "status", "segment", "evaluate", "infer", "ablate"}
     first = llavaseg(root, readme["run"] + overrides)
     mtimes = output_mtimes(root / "work")
     second = llavaseg(root, readme["run"] + overrides)
@@ -182,6 +182,18 @@ def test_cli_train_evaluate_infer_on_the_run_outputs(project):
 
     missing = project.llavaseg(["evaluate", "--checkpoint", str(project.root / "no-such-checkpoint")], expect=2)
     assert "no-such-checkpoint" in missing.stderr
+
+
+def test_status_shows_what_the_run_made(project):
+    out = project.llavaseg(project.argv("status")).stdout
+    for spec in ("reasonseg/train", "reasonseg/val"):
+        rows = manifest_rows(project, spec)
+        shards = -(-rows // 8)  # stage1.shard_size=8
+        assert re.search(rf"  {spec}: {rows} rows; stage 1 {shards}/{shards} shards done \({rows} rows, 0 errors, "
+                         rf"\d+ parse fallbacks\)", out), out  # fmt: skip
+    name = project.checkpoint.parent.name
+    assert f"  {name}: step {TRAIN_ITERATIONS}/{TRAIN_ITERATIONS}, final checkpoint exported" in out
+    assert re.search(r"evaluations:\n  \S+: reasonseg/val gIoU \d+\.\d cIoU \d+\.\d", out), out
 
 
 def test_segment_command_writes_a_mask_of_the_image_size(project):

@@ -87,7 +87,7 @@ class Stage1Config:
 
 @dataclass(frozen=True)
 class Stage2Config:
-    sam_variant: str = "tiny"  # vit_h | vit_l | vit_b | tiny
+    sam_variant: str = "tiny"  # vit_h | vit_l | vit_b | tiny | mini (pretrained on the demo world, weights/mini-sam/)
     sam_checkpoint: str = ""  # official SAM checkpoint (local path); empty = random init (tiny only)
     adapter_blocks: list[int] = field(default_factory=list)  # empty = the variant's global-attention blocks
     lr: float = 1e-3  # demo: the tiny random SAM needs a larger step than the paper's 1e-4
@@ -161,7 +161,7 @@ CHOICES: dict[str, tuple] = {
     "stage1.conversation_format": ("chat_template", "llava_v1"),
     "stage1.embed_mode": ("hidden", "input"),
     "stage1.dtype": ("float32", "float16", "bfloat16", "auto"),
-    "stage2.sam_variant": ("vit_h", "vit_l", "vit_b", "tiny"),
+    "stage2.sam_variant": ("vit_h", "vit_l", "vit_b", "tiny", "mini"),
     "stage2.precision": ("fp32", "bf16"),
 }
 

@@ -1,4 +1,5 @@
-"""Builders and the variant registry for the adapted SAM (official ``vit_h``/``vit_l``/``vit_b`` sizes and ``tiny``).
+"""Builders and the variant registry for the adapted SAM (official ``vit_h``/``vit_l``/``vit_b`` sizes, ``tiny``, and
+``mini``, the small SAM pretrained on the demo world by ``stage2_segment.mini_sam``).
 
 ``build_adapted_sam("vit_h", llm_dim=5120, sam_checkpoint=Path("sam_vit_h_4b8939.pth"))`` builds the paper's model:
 adapters after ViT-H's four global-attention blocks, SAM's weights from an official checkpoint (keys
@@ -64,6 +65,11 @@ SAM_VARIANTS: dict[str, SamVariant] = {
         "tiny", 64, 4, 2, (1, 3), image_size=256, window_size=4, prompt_embed_dim=64, decoder_depth=1,
         decoder_mlp_dim=256, decoder_num_heads=2, iou_head_hidden_dim=64, adapter_num_heads=2,
     ),
+    # Pretrained promptably on the demo world (stage2_segment/mini_sam.py); weights in weights/mini-sam/.
+    "mini": SamVariant(
+        "mini", 96, 4, 3, (1, 3), image_size=160, patch_size=8, window_size=5, prompt_embed_dim=64, decoder_depth=2,
+        decoder_mlp_dim=256, decoder_num_heads=4, iou_head_hidden_dim=64, adapter_num_heads=4,
+    ),
 }
 
 
@@ -123,7 +129,7 @@ def build_adapted_sam(
     """Build an adapted SAM.
 
     Args:
-        variant: ``vit_h`` | ``vit_l`` | ``vit_b`` | ``tiny``.
+        variant: ``vit_h`` | ``vit_l`` | ``vit_b`` | ``tiny`` | ``mini``.
         llm_dim: width of the stage-1 embeddings.
         adapter_blocks: encoder block indices that get an adapter; None or empty = the variant's global-attention
             blocks (multi-scale); one index = single-scale.
@@ -277,10 +283,12 @@ build_adapted_sam_vit_h = partial(build_adapted_sam, "vit_h")
 build_adapted_sam_vit_l = partial(build_adapted_sam, "vit_l")
 build_adapted_sam_vit_b = partial(build_adapted_sam, "vit_b")
 build_adapted_sam_tiny = partial(build_adapted_sam, "tiny")
+build_adapted_sam_mini = partial(build_adapted_sam, "mini")
 
 adapted_sam_registry = {
     "vit_h": build_adapted_sam_vit_h,
     "vit_l": build_adapted_sam_vit_l,
     "vit_b": build_adapted_sam_vit_b,
     "tiny": build_adapted_sam_tiny,
+    "mini": build_adapted_sam_mini,
 }

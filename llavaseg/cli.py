@@ -111,7 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from stage2_segment.evaluate import evaluate, metrics_markdown
 
     config, manifests, sources = _stage2_inputs(args)
-    metrics = evaluate(config, sources(config, manifests, config.data.eval), _checkpoint(args, config))
+    metrics = evaluate(config, sources(config, manifests, config.data.eval), _checkpoint(args, config),
+                       text_blind=args.text_blind)
     print(metrics_markdown(metrics))
     print(f"evaluation written to {config.work_dir / 'eval' / metrics['name']} (metrics.json, metrics.md, overlays/)")
     return 0
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("evaluate", "stage 2: gIoU/cIoU of a checkpoint on the eval manifests")
     p.add_argument("--checkpoint", default=None,
                    help="a trained checkpoint folder (default: the one `llavaseg train` makes for this config)")
+    p.add_argument("--text-blind", action="store_true",
+                   help="control: each sample gets the text embedding of another image's sample (seeded by "
+                        "stage2.seed); written as <name>-textblind beside the normal evaluation")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 

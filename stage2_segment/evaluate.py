@@ -36,6 +36,7 @@ from stage2_segment.data import ExampleError, ShardStore, Stage2Dataset, Stage2S
 from stage2_segment.infer import inference_device, load_batch_skipping_errors, predict_masks
 from stage2_segment.modeling import get_variant
 from stage2_segment.overlay import render_overlay
+from stage2_segment.text_blind import TEXT_BLIND_SUFFIX, TextBlindDataset
 from stage2_segment.rle import decode_mask, encode_mask
 
 logger = logging.getLogger(__name__)
@@ -103,17 +104,20 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80]
 
 
-def evaluation_name(meta: dict[str, Any]) -> str:
-    """``<train name>-step<NNNNNN>``: the folder under ``<work_dir>/eval/`` of a checkpoint's evaluation."""
-    return f"{meta['train_name']}-step{meta['step']:06d}"
+def evaluation_name(meta: dict[str, Any], text_blind: bool = False) -> str:
+    """``<train name>-step<NNNNNN>``: the folder under ``<work_dir>/eval/`` of a checkpoint's evaluation
+    (``...-textblind`` for the text-blind control)."""
+    return f"{meta['train_name']}-step{meta['step']:06d}" + (TEXT_BLIND_SUFFIX if text_blind else "")
 
 
 def evaluation_identity(
-    config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, meta: dict[str, Any]
-) -> dict[str, Any]:
-    """What an evaluation's numbers depend on (checkpoint, step, sources, sample limit); stored in ``metrics.json`` so
-    an equal identity means the stored numbers can be reused."""
-    return {
+    config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, meta: dict[str, Any],
+    text_blind: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """What an evaluation's numbers depend on (checkpoint, step, sources, sample limit; the text derangement's seed
+    for the text-blind control); stored in ``metrics.json`` so an equal identity means the stored numbers can be
+    reused."""
+    return ({"text_blind_seed": config.stage2.seed} if text_blind else {}) | {
         "checkpoint": str(Path(checkpoint_dir).resolve()),
         "step": meta["step"],
         "sources": [{"spec": src.spec, "manifest": str(Path(src.manifest).resolve()), "run_key": src.run_key}
@@ -123,19 +127,22 @@ def evaluation_identity(
 
 
 def evaluate(
-    config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, name: str | None = None
-) -> dict[str, Any]:
+    config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, name: str | None = None,
+    text_blind: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Evaluate the trained parts in ``checkpoint_dir`` on ``sources``; writes ``<work_dir>/eval/<name>/`` (name
     defaults to ``<train name>-step<NNNNNN>``) and returns the ``metrics.json`` content."""
     started = time.perf_counter()
     device = inference_device(config)
     model, meta = load_trained_model(Path(checkpoint_dir), device)
     use_bf16 = config.stage2.precision == "bf16" and device.type == "cuda"
-    name = name or evaluation_name(meta)
+    name = name or evaluation_name(meta, text_blind)
     out_dir = config.work_dir / "eval" / name
     index = build_index(sources, config.data.max_samples_per_manifest)
     image_size = get_variant(meta["model"]["variant"]).image_size
     dataset = Stage2Dataset(index, config.data_root, image_size, ShardStore(config.work_dir / "stage2" / "shard_cache"))
+    if text_blind:  # the control: each sample gets another image's text (stage2_segment.text_blind)
+        dataset = TextBlindDataset(dataset, config.stage2.seed)
     intersection, union, kept, rles = [], [], [], {}
     unusable = dict.fromkeys(dataset.rows["spec"], 0)
     batch_size = config.stage2.eval_batch
@@ -175,7 +182,7 @@ def evaluate(
     overlays, gallery = _write_overlays(dataset, kept, specs, per_sample_iou, rles, out_dir)
     metrics = {
         "name": name,
-        **evaluation_identity(config, sources, checkpoint_dir, meta),
+        **evaluation_identity(config, sources, checkpoint_dir, meta, text_blind),
         "train_name": meta["train_name"],
         "sam_checkpoint": meta.get("sam_checkpoint"),
         "results": results,

@@ -123,10 +123,10 @@ class RunSummary:
         lines.append(f"evaluation {self.metrics['name']}: " + ("reused" if self.evaluation_reused else "computed"))
         for spec, scores in (self.metrics.get("results") or {}).items():
             lines.append(f"  {spec}: gIoU {100 * scores['gIoU']:.1f}%  cIoU {100 * scores['cIoU']:.1f}%  "
-                         f"({scores['count']} samples)")  # fmt: skip
+                         f"({scores['count']} samples){_failed(scores)}")  # fmt: skip
             for length, sub in (scores.get("by_query_length") or {}).items():
                 lines.append(f"    {length} queries: gIoU {100 * sub['gIoU']:.1f}%  cIoU {100 * sub['cIoU']:.1f}%  "
-                             f"({sub['count']} samples)")  # fmt: skip
+                             f"({sub['count']} samples){_failed(sub)}")  # fmt: skip
         if self.dialogue and self.dialogue.get("count"):
             d = self.dialogue
             lines.append(f"dialogue (step-1 answers vs references): ROUGE-L {d['ROUGE-L']:.3f}  CIDEr {d['CIDEr']:.3f}  "
@@ -134,6 +134,11 @@ class RunSummary:
         lines.append("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items()))
         lines.append(f"report: {self.report_html} (and {self.report_md.name})")
         return "\n".join(lines)
+
+
+def _failed(scores: dict[str, Any]) -> str:
+    """The count of samples scored as empty predictions (stage-1 errors, unreadable images), beside a score."""
+    return f"  {scores.get('failed', 0)} failed (scored as empty predictions)"
 
 
 def evaluate_or_reuse(config: PipelineConfig, sources: list, checkpoint_dir: Path) -> tuple[dict[str, Any], bool]:

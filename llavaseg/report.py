@@ -43,7 +43,7 @@ PAPER_TABLE_1 = [
     ("LISA-13B (explain)", 57.3, 60.7, 0.290, 0.107),
 ]
 _STAGE1_COLUMNS = ("rows", "shards", "new_rows", "reused_rows", "errors", "generated_tokens", "embedded_tokens")
-_SCORE_KEYS = ("gIoU", "cIoU", "count")
+_SCORE_KEYS = ("gIoU", "cIoU", "count", "failed")
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d2330; background: #f6f7f9;
@@ -297,9 +297,9 @@ def _segmentation_section(page: _Page, metrics: Mapping[str, Any]) -> None:
     rows = segmentation_rows(metrics)
     if rows:
         page.table(
-            ["split", "gIoU (%)", "cIoU (%)", "samples"],
-            [[label, _percent(s.get("gIoU")), _percent(s.get("cIoU")), _integer(s.get("count"))]
-             for label, _, s in rows],
+            ["split", "gIoU (%)", "cIoU (%)", "samples", "failed (scored empty)"],
+            [[label, _percent(s.get("gIoU")), _percent(s.get("cIoU")), _integer(s.get("count")),
+              _integer(s.get("failed"))] for label, _, s in rows],
             [depth > 0 for _, depth, _ in rows],
         )
     else:
@@ -423,7 +423,8 @@ def write_report(
 
     Args:
         metrics: evaluation results, e.g. ``{"per_split": {"reasonseg/val": {"gIoU": 0.59, "cIoU": 0.53, "count": 200,
-            "by_query_kind": {"short": {...}, "long": {...}}}}}``; gIoU/cIoU as fractions, shown in percent.
+            "failed": 2, "by_query_kind": {"short": {...}, "long": {...}}}}}``; gIoU/cIoU as fractions, shown in
+            percent; ``failed`` (samples scored as empty predictions) is shown beside them.
         stage1: the stage-1 ``summary.json`` (run_key, new_rows, reused_rows, errors, generated_samples, seconds,
             per_manifest).
         loss_curve: ``{"step", "loss", "lr", ...}`` per logged step.

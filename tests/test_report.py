@@ -48,9 +48,9 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory, draw_demo) -> dict:
         "title": "Demo run <b>report</b>",
         "metrics": {
             "per_split": {
-                "reasonseg/val": {"gIoU": 0.5912, "cIoU": 0.5281, "count": 200, "by_query_kind": {
-                    "short": {"gIoU": 0.55, "cIoU": 0.5, "count": 80},
-                    "long": {"gIoU": 0.61, "cIoU": 0.54, "count": 120}}},
+                "reasonseg/val": {"gIoU": 0.5912, "cIoU": 0.5281, "count": 200, "failed": 3, "by_query_kind": {
+                    "short": {"gIoU": 0.55, "cIoU": 0.5, "count": 80, "failed": 1},
+                    "long": {"gIoU": 0.61, "cIoU": 0.54, "count": 120, "failed": 2}}},
                 "refcoco/val": {"gIoU": 0.7, "cIoU": 0.7214, "count": 8811},
             },
             "checkpoint": "work/stage2/checkpoint-12000",
@@ -76,10 +76,11 @@ def written_report(report_inputs: dict, tmp_path_factory: pytest.TempPathFactory
 
 def test_markdown_holds_the_numbers(written_report: tuple[Path, Path]) -> None:
     md = written_report[0].read_text()
-    assert "| reasonseg/val | 59.1 | 52.8 | 200 |" in md
-    assert "| &emsp;reasonseg/val · short | 55.0 | 50.0 | 80 |" in md
-    assert "| &emsp;reasonseg/val · long | 61.0 | 54.0 | 120 |" in md
-    assert "| refcoco/val | 70.0 | 72.1 | 8,811 |" in md
+    assert "| split | gIoU (%) | cIoU (%) | samples | failed (scored empty) |" in md
+    assert "| reasonseg/val | 59.1 | 52.8 | 200 | 3 |" in md  # failures (scored as empty predictions) beside the score
+    assert "| &emsp;reasonseg/val · short | 55.0 | 50.0 | 80 | 1 |" in md
+    assert "| &emsp;reasonseg/val · long | 61.0 | 54.0 | 120 | 2 |" in md
+    assert "| refcoco/val | 70.0 | 72.1 | 8,811 | – |" in md
     assert "| LLaVASeg-13B | 59.1 | 52.8 | 0.393 | 0.796 |" in md  # the paper's row beside ours
     assert "| 0.401 | 0.812 | 200 |" in md
     assert "| run key | tiny-llava-1a2b3c4d5e6f |" in md and "| generation throughput | 5.00 samples/s |" in md

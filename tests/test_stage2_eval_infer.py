@@ -77,13 +77,14 @@ def test_scores_from_constructed_predictions_match_hand_computation():
     assert reason["by_query_length"]["long"]["cIoU"] == pytest.approx(0.4)
     assert reason["by_query_length"]["short"]["gIoU"] == pytest.approx(1.0, abs=1e-5)
     assert reason["by_query_length"]["short"]["cIoU"] == pytest.approx(1.0)
-    assert results["refcoco/val"] == {"gIoU": 0.0, "cIoU": 0.0, "count": 1, "intersection": 0, "union": 4}
+    assert results["refcoco/val"] == {"gIoU": 0.0, "cIoU": 0.0, "count": 1, "intersection": 0, "union": 4, "failed": 0}
 
     table = metrics_markdown({"name": "n", "checkpoint": "c", "train_name": "t", "step": 1, "results": results,
-                              "unusable_samples": {}})  # fmt: skip
-    assert "| reasonseg/val | all | 3 | 80.0 | 60.0 |" in table
-    assert "| reasonseg/val | long | 1 | 40.0 | 40.0 |" in table
-    assert "| refcoco/val | all | 1 | 0.0 | 0.0 |" in table
+                              "failures": {}})  # fmt: skip
+    assert "| reasonseg/val | all | 3 | 80.0 | 60.0 | 0 |" in table
+    assert "| reasonseg/val | long | 1 | 40.0 | 40.0 | 0 |" in table
+    assert "| refcoco/val | all | 1 | 0.0 | 0.0 | 0 |" in table
+    assert "Failures by kind: none." in table
 
 
 def test_rle_round_trip_at_original_size():
@@ -99,18 +100,23 @@ def test_evaluate_the_trained_checkpoint(world, run):
     metrics = evaluate(run.config, world.val_sources + world.train_sources, run.result.checkpoint_dir, name="tiny-eval")
     out = run.config.work_dir / "eval" / "tiny-eval"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    for spec, count in (("reasonseg/val", 4), ("reasonseg/train", 16)):
+    sources = world.val_sources + world.train_sources
+    rows = {source.spec: pq.read_metadata(source.manifest).num_rows for source in sources}
+    assert rows["reasonseg/val"] == 4  # the demo's val images, one query each
+    for spec, count in rows.items():  # every manifest row is scored
         result = metrics["results"][spec]
         assert result["count"] == count
         assert 0.0 <= result["gIoU"] <= 1.0 and 0.0 <= result["cIoU"] <= 1.0
         lengths = result["by_query_length"]
         assert sum(scores["count"] for scores in lengths.values()) == count and set(lengths) <= {"long", "short"}
-    assert metrics["step"] == 30 and metrics["unusable_samples"] == {"reasonseg/val": 0, "reasonseg/train": 0}
+    assert metrics["step"] == 30 and all(result["failed"] == 0 for result in metrics["results"].values())
+    assert metrics["failures"] == {spec: {"stage1_error": 0, "no_stage1_row": 0, "no_prediction": 0}
+                                   for spec in ("reasonseg/val", "reasonseg/train")}  # fmt: skip
     markdown = (out / "metrics.md").read_text()
     val = metrics["results"]["reasonseg/val"]
-    assert f"| reasonseg/val | all | 4 | {100 * val['gIoU']:.1f} | {100 * val['cIoU']:.1f} |" in markdown
+    assert f"| reasonseg/val | all | 4 | {100 * val['gIoU']:.1f} | {100 * val['cIoU']:.1f} | 0 |" in markdown
     per_sample = [json.loads(line) for line in (out / "per_sample.jsonl").read_text().splitlines()]
-    assert len(per_sample) == 20
+    assert len(per_sample) == sum(rows.values())
     val_iou = [row["iou"] for row in per_sample if row["spec"] == "reasonseg/val"]
     assert np.mean(val_iou) == pytest.approx(val["gIoU"])
     overlays = sorted((out / "overlays").glob("*.png"))
@@ -129,7 +135,8 @@ def test_infer_writes_one_rle_per_sample_and_resumes(world, run, tmp_path):
     out_dir = tmp_path / "predictions"
     summary = infer(run.config, sources, run.result.checkpoint_dir, out_dir)
     assert (summary["shards"], summary["shards_written"], summary["shards_skipped"]) == (4, 4, 0)
-    assert (summary["rows_written"], summary["ok"], summary["errors"]) == (20, 19, 1)
+    total = pq.read_metadata(val.manifest).num_rows + pq.read_metadata(world.train_sources[0].manifest).num_rows
+    assert (summary["rows_written"], summary["ok"], summary["errors"]) == (total, total - 1, 1)
 
     manifest = pq.read_table(val.manifest).to_pylist() + pq.read_table(world.train_sources[0].manifest).to_pylist()
     sizes = {row["sample_id"]: (row["height"], row["width"]) for row in manifest}
@@ -144,7 +151,8 @@ def test_infer_writes_one_rle_per_sample_and_resumes(world, run, tmp_path):
         record["sample_id"]: record
         for record in map(json.loads, (run.config.work_dir / "eval" / "infer-check" / "per_sample.jsonl").open())
     }
-    assert evaluated["results"]["reasonseg/val"]["count"] == len(per_sample) == 3
+    assert evaluated["results"]["reasonseg/val"]["count"] == len(per_sample) == 4  # the error row too, scored empty
+    assert evaluated["results"]["reasonseg/val"]["failed"] == 1 and per_sample[ids[1]]["status"] == "stage1_error"
     for row in rows:
         if row["sample_id"] == ids[1]:
             assert (row["status"], row["rle"]) == ("error", None) and "synthetic failure" in row["error"]

@@ -2,8 +2,12 @@
 
 A run folder holds one sub-folder per manifest (``<dataset>-<split>/``) with fixed, numbered shards::
 
-    00000.parquet      rows of manifest rows [0, shard_size) in sample_id order
-    00000.done.json    stats, written LAST: the only proof the shard is complete
+    00000.parquet               rows of manifest rows [0, shard_size) in sample_id order
+    .done/00000.done.json       stats, written LAST: the only proof the shard is complete
+    .partial/, .00000.parquet.tmp   intermediates and temporary files of a writer at work
+
+Only final shards end in ``.parquet`` outside a hidden folder, so pandas, Hugging Face ``load_dataset("parquet",
+data_dir=...)``, ``ray.data.read_parquet`` and a ``*.parquet`` glob read a run folder as it is, mid-run included.
 
 A shard is written to a temporary name and renamed; a rerun skips shards whose ``done`` file exists, whose sample ids
 match the manifest (a rebuilt manifest invalidates exactly the shards it changed) and whose bytes still match the sha256
@@ -25,8 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SHARD_SCHEMA_VERSION = 1
+SHARD_SCHEMA_VERSION = 2  # 2: seg_tokens and reason_source columns
 TMP_SUFFIX = ".tmp"
+DONE_DIR = ".done"  # hidden: readers of the folder skip it
+PARTIAL_DIR = ".partial"  # hidden: a writer's intermediates (stage 1's generation files)
 _SHARD_RE = re.compile(r"^(\d{5})\.parquet$")
 
 
@@ -60,15 +66,17 @@ def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
         pa.field("query", pa.string()),
         pa.field("reason_prompt", pa.string()),  # step 1 (reason) user turn
         pa.field("reason_answer", pa.string()),  # the MLLM's unharmed answer
-        pa.field("seg_prompt", pa.string()),  # steps 2+3 merged, second turn
+        pa.field("seg_prompt", pa.string()),  # second turn: steps 2+3 merged, or step 2 alone (cot_steps 2)
         pa.field("seg_answer", pa.string()),
         pa.field("target", pa.string()),
         pa.field("attributes", pa.string()),
         pa.field("parse_status", pa.string()),  # ok | fallback
         pa.field("seg_text", pa.string()),  # the exact text that was embedded
-        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("token_ids", pa.list_(pa.int32())),  # capped at max_embed_tokens (the first ones kept)
+        pa.field("seg_tokens", pa.int32()),  # seg_text's token count before that cap; null on error rows
         pa.field("embedding", pa.list_(pa.list_(pa.float16(), dim))),
         pa.field("generated_tokens", pa.int32()),
+        pa.field("reason_source", pa.string()),  # who wrote the step-1 answer: mllm | template (Sec. 3.4)
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),
     ]
@@ -97,7 +105,18 @@ def shard_name(index: int) -> str:
 
 
 def done_path(shard_path: Path) -> Path:
-    return shard_path.with_name(shard_path.name.replace(".parquet", ".done.json"))
+    """``<folder>/.done/<n>.done.json``: the completion marker of ``<folder>/<n>.parquet``."""
+    return shard_path.parent / DONE_DIR / shard_path.name.replace(".parquet", ".done.json")
+
+
+def partial_path(shard_path: Path, suffix: str) -> Path:
+    """``<folder>/.partial/<n><suffix>``: an intermediate file of ``<folder>/<n>.parquet`` (hidden from readers)."""
+    return shard_path.parent / PARTIAL_DIR / shard_path.name.replace(".parquet", suffix)
+
+
+def temporary_path(path: Path) -> Path:
+    """``.<name>.tmp`` beside ``path``: hidden, so no reader of the folder takes it for data."""
+    return path.with_name(f".{path.name}{TMP_SUFFIX}")
 
 
 def embeddings_to_arrow(embeddings: list[np.ndarray | None], dim: int) -> pa.Array:
@@ -133,7 +152,7 @@ def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -
         ShardWriteError: naming ``path`` and the OS error (the temporary file is removed).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temporary_path(path)
     try:
         pq.write_table(table, tmp, compression=compression)
         with open(tmp, "rb") as f:
@@ -165,13 +184,14 @@ def write_shard(table: pa.Table, shard_path: Path, stats: dict[str, Any]) -> Non
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to a temporary name, fsync, rename.
+    """Write ``data`` as JSON to a temporary name, fsync, rename (creating the folder).
 
     Raises:
         ShardWriteError: naming ``path`` and the OS error (the temporary file is removed).
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temporary_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -32,7 +32,7 @@ import torch
 from shared.images import ImageLoadError, load_rgb
 from shared.masks import MaskError, rasterize
 from shared.paths import PathEscapeError, resolve_inside
-from shared.shards import ShardError, embedding_from_arrow, list_shards, open_shard, read_done
+from shared.shards import ShardError, done_path, embedding_from_arrow, list_shards, open_shard, read_done
 from stage2_segment.preprocess import preprocess_image, preprocess_mask
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class ShardStore:
     def _cached_copy(self, ref: ShardRef) -> Path:
         shard = Path(ref.path)
         stat = shard.stat()
-        done_text = shard.with_name(shard.name.replace(".parquet", ".done.json")).read_bytes()
+        done_text = done_path(shard).read_bytes()
         fingerprint = hashlib.sha256(done_text + f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         where = hashlib.sha256(str(shard.parent.resolve()).encode()).hexdigest()[:8]
         folder = self.cache_dir / ref.run_key / f"{shard.parent.name}-{where}"

@@ -35,11 +35,11 @@ def world(tmp_path_factory):
 def test_join_skips_and_counts_errors_strays_and_unfinished_shards(world, tmp_path):
     manifest = world.train_sources[0].manifest
     ids = sorted(pq.read_table(manifest, columns=["sample_id"])["sample_id"].to_pylist())
-    assert len(ids) == 16
+    assert len(ids) == 15  # 8 demo train images, one or two queries each
     errors = (ids[1], ids[5])
     folder = write_synthetic_shards(manifest, tmp_path / "run", "reasonseg/train", shard_size=6, error_ids=errors,
                                     extra_ids=("reasonseg/train/not_in_manifest/0",))  # fmt: skip
-    # 17 shard rows in shards of 6: the last shard (rows 12..16) loses its done marker, as if stage 1 were killed.
+    # 16 shard rows in shards of 6: the last shard (rows 12..15) loses its done marker, as if stage 1 were killed.
     done_path(folder / "00002.parquet").unlink()
     last_shard_ids = sorted(ids + ["reasonseg/train/not_in_manifest/0"])[12:]
     source = Stage2Source("reasonseg/train", manifest, folder, RUN_KEY)
@@ -117,9 +117,10 @@ def test_mixing_rates_follow_families_and_renormalise(world, tmp_path):
 def test_queries_of_one_image_share_one_load_and_text_is_padded(world):
     dataset = Stage2Dataset(build_index(world.train_sources), world.data_root, 256, image_cache_size=0)
     paths = dataset.rows["image_path"]
-    same = [i for i in range(len(dataset)) if paths[i] == paths[0]]
-    other = next(i for i in range(len(dataset)) if paths[i] != paths[0])
-    assert len(same) == 2  # the demo's train images have two queries each
+    first_pair = next(path for path in paths if sum(p == path for p in paths) == 2)  # an image with two queries
+    same = [i for i in range(len(dataset)) if paths[i] == first_pair]
+    other = next(i for i in range(len(dataset)) if paths[i] != first_pair)
+    assert len(same) == 2
 
     batch = dataset.load_batch([same[0], other, same[1]])
     assert dataset.image_loads == 2

@@ -2,7 +2,8 @@
 
 The file holds the embedded demo defaults (top-level sections) and named profiles (`[profiles.<name>.<section>]`) that are
 deep-merged over them. `key=value` overrides (dotted keys, TOML literal values) are applied last. Validation is done once
-and reports every problem at once, each naming its key, like::
+and reports every problem at once (types, choices, and values that cannot work: ``shared.config_values``), each
+naming its key, like::
 
     ConfigError: 3 problems in pipeline.toml (profile paper-13b):
       - stage1.modle: unknown key (did you mean 'model'?)
@@ -20,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shared.config_values import value_problems
 
 DEFAULT_CONFIG_NAME = "pipeline.toml"
 
@@ -92,6 +95,8 @@ class Stage2Config:
     adapter_blocks: list[int] = field(default_factory=list)  # empty = the variant's global-attention blocks
     lr: float = 1e-3  # demo: the tiny random SAM needs a larger step than the paper's 1e-4
     weight_decay: float = 1e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2); LISA: 0.9, 0.95
+    grad_clip_norm: float = 0.0  # clip the gradients' global L2 norm at this value; 0 = off; LISA: 1.0
     bce_weight: float = 1.0
     dice_weight: float = 0.5
     global_batch: int = 8
@@ -282,6 +287,7 @@ def _validate(raw: dict) -> tuple[dict[str, Any], list[str]]:
         value = getattr(sections[section], key)
         if isinstance(value, int) and value <= 0:
             problems.append(f"{dotted}: must be > 0, got {value}")
+    problems += value_problems(sections)
     for family, source in sections["stage1"].step1_source.items():
         if family not in STEP1_FAMILIES:
             problems.append(f"stage1.step1_source.{family}: unknown dataset family (have: {', '.join(STEP1_FAMILIES)})")

@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shared.config import PipelineConfig, Stage2Config
+from shared.config import PipelineConfig
 from shared.ray_cluster import ensure_ray
 from shared.shards import run_key
 from stage2_segment.checkpoint import (
@@ -54,8 +53,8 @@ from stage2_segment.data import (
     Stage2Source,
     build_index,
 )
-from stage2_segment.loss import MaskLoss, mask_loss
 from stage2_segment.modeling import AdaptedSam, build_adapted_sam, get_variant
+from stage2_segment.optim import build_optimizer, lr_schedule, optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -117,75 +116,6 @@ def gradient_accumulation(config: PipelineConfig) -> int:
             f"x ray.num_workers ({workers}) = {per_pass}"
         )
     return s2.global_batch // per_pass
-
-
-def lr_schedule(warmup: int, total: int):
-    """LambdaLR factor for optimizer step ``k`` (0-based): linear warmup to 1 over ``warmup`` steps, then linear decay
-    to 0 at ``total`` (LISA's WarmupDecayLR)."""
-
-    def factor(k: int) -> float:
-        if k < warmup:
-            return (k + 1) / warmup
-        return max(0.0, (total - k) / max(1, total - warmup))
-
-    return factor
-
-
-def forward_loss(
-    model: AdaptedSam, batch: dict[str, Any], stage2: Stage2Config, device: torch.device, use_bf16: bool
-) -> MaskLoss:
-    """Loss of one collated batch at the padded input resolution (padding is labelled 255 and ignored)."""
-    images = batch["images"].to(device, non_blocking=True)
-    text = batch["text_embeds"].to(device, non_blocking=True)
-    text_mask = batch["text_mask"].to(device, non_blocking=True)
-    targets = batch["targets"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        low_res = model(images, text, text_mask)
-    return mask_loss(model.upscale_to_input(low_res.float()), targets, stage2.bce_weight, stage2.dice_weight)
-
-
-def average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> None:
-    """Mean of the trained parameters' gradients over workers, in one flat all-reduce (missing gradients count as 0)."""
-    if world_size <= 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for parameter in parameters:
-        count = parameter.numel()
-        parameter.grad = flat[offset : offset + count].view_as(parameter).clone()
-        offset += count
-
-
-def optimizer_step(
-    model: AdaptedSam,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Iterable[dict[str, Any]],
-    stage2: Stage2Config,
-    device: torch.device,
-    use_bf16: bool = False,
-    world_size: int = 1,
-) -> dict[str, float]:
-    """One optimizer step over ``micro_batches`` (gradient accumulation, cross-worker average); returns the mean
-    loss, bce and dice over all workers' samples and the sample count."""
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    micro_batches = list(micro_batches)
-    optimizer.zero_grad(set_to_none=True)
-    totals = torch.zeros(4, dtype=torch.float32, device=device)  # sums of loss, bce, dice; samples
-    for batch in micro_batches:
-        losses = forward_loss(model, batch, stage2, device, use_bf16)
-        (losses.total / len(micro_batches)).backward()
-        count = len(batch["sample_ids"])
-        totals += torch.stack([losses.total.detach(), losses.bce.detach(), losses.dice.detach(),
-                               torch.ones((), device=device)]) * count  # fmt: skip
-    average_gradients(parameters, world_size)
-    optimizer.step()
-    if world_size > 1:
-        dist.all_reduce(totals)
-    loss_sum, bce_sum, dice_sum, samples = totals.tolist()
-    return {"loss": loss_sum / samples, "bce": bce_sum / samples, "dice": dice_sum / samples, "samples": samples}
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -301,7 +231,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         s2.sam_variant, index.llm_dim, s2.adapter_blocks, loop_config["sam_checkpoint"], s2.seed, device="cpu"
     ).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=s2.lr, weight_decay=s2.weight_decay)
+    optimizer = build_optimizer(model.trainable_parameters(), s2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s2.warmup_iterations, s2.iterations))
     start_step, origin, restored = _restore(model, optimizer, scheduler, checkpoints_dir)
     if world > 1:

@@ -117,3 +117,49 @@ def test_config_is_frozen_and_written_resolved(tmp_path):
 def test_pipeline_toml_parses_as_plain_toml():
     raw = tomllib.loads(PIPELINE_TOML.read_text())
     assert set(raw) == {"paths", "data", "stage1", "stage2", "ray", "profiles"}
+
+
+def test_optimizer_keys_default_to_torch_and_the_paper_profiles_take_lisas():
+    demo = load_config(PIPELINE_TOML)
+    assert (demo.stage2.adam_betas, demo.stage2.grad_clip_norm) == ([0.9, 0.999], 0.0)  # torch's AdamW, no clipping
+    for profile in ("paper-13b", "paper-7b"):
+        paper = load_config(PIPELINE_TOML, profile=profile, check_paths=False)
+        assert (paper.stage2.adam_betas, paper.stage2.grad_clip_norm) == ([0.9, 0.95], 1.0), profile
+
+
+def test_values_that_cannot_work_are_all_named_at_load():
+    overrides = [
+        "stage2.lr=nan", "stage2.adapter_blocks=[1, 99]", "stage2.keep_checkpoints=-1", "ray.cpus_per_worker=0",
+        "stage1.gpu_memory_utilization=1.5", "data.sample_rates={semantic = -1.0, reasoning = 1.0}",
+        "paths.work_dir=s3://bucket/work", "ray.storage_path=gs://bucket/ray", "stage2.adam_betas=[0.9]",
+        "stage2.grad_clip_norm=-1.0", "stage2.bce_weight=inf",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_config(PIPELINE_TOML, overrides=overrides)
+    assert err.value.problems == [
+        "stage2.lr: must be a finite number > 0, got nan",
+        "stage2.bce_weight: must be a finite number >= 0, got inf",
+        "stage2.grad_clip_norm: must be a finite number >= 0, got -1.0",
+        "stage2.adam_betas: must be two numbers in [0, 1) (beta1, beta2), got [0.9]",
+        "stage2.keep_checkpoints: must be >= 0 (0 keeps them all), got -1",
+        "stage2.adapter_blocks: [99] outside the tiny encoder's blocks 0..3",
+        "ray.cpus_per_worker: must be >= 1, got 0",
+        "stage1.gpu_memory_utilization: must be in (0, 1], got 1.5",
+        "data.sample_rates.semantic: must be a finite number >= 0, got -1.0",
+        "paths.work_dir: 's3://bucket/work' is a s3:// URI; only local (or mounted) folders are supported yet",
+        "ray.storage_path: 'gs://bucket/ray' is a gs:// URI; only local (or mounted) folders are supported yet",
+    ]
+    for bad in ("stage2.lr=-1e-4", "stage2.lr=inf", "stage2.lr=0.0"):
+        with pytest.raises(ConfigError, match=r"stage2.lr: must be a finite number > 0"):
+            load_config(PIPELINE_TOML, overrides=[bad])
+    with pytest.raises(ConfigError, match=r"stage2.adapter_blocks: \[12\] outside the vit_b encoder's blocks 0..11"):
+        load_config(PIPELINE_TOML, overrides=['stage2.sam_variant="vit_b"', "stage2.adapter_blocks=[11, 12]"],
+                    check_paths=False)  # fmt: skip
+    assert load_config(PIPELINE_TOML, overrides=["stage1.gpu_memory_utilization=1.0", "stage2.keep_checkpoints=0"])
+
+
+def test_encoder_depths_known_to_the_config_match_the_sam_registry():
+    from shared.config_values import SAM_ENCODER_DEPTHS
+    from stage2_segment.modeling.build import SAM_VARIANTS
+
+    assert SAM_ENCODER_DEPTHS == {name: variant.encoder_depth for name, variant in SAM_VARIANTS.items()}

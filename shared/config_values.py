@@ -1,0 +1,69 @@
+"""Value checks of a loaded configuration: settings of the right type that still cannot work.
+
+``value_problems(sections)`` returns one message per bad value, each naming its key, so that ``load_config`` reports
+them together with the type errors before any work starts (not later, inside Ray workers, after retries): a learning
+rate that is NaN, infinite or not positive, adapter blocks outside the SAM variant's encoder, a negative checkpoint
+count, zero CPUs per worker, a vLLM memory fraction outside (0, 1], negative sample rates, AdamW betas outside [0, 1),
+and paths given as URIs (``s3://...``), which the pipeline does not read or write yet.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+# Encoder depth of each SAM variant (stage2_segment.modeling.SAM_VARIANTS; a test keeps the two equal). shared/ may
+# not import stage 2, so the numbers live here too.
+SAM_ENCODER_DEPTHS = {"vit_h": 32, "vit_l": 24, "vit_b": 12, "tiny": 4, "mini": 4}
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+LOCAL_PATH_KEYS = (("paths", "data_root"), ("paths", "work_dir"), ("ray", "storage_path"))
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def value_problems(sections: dict[str, Any]) -> list[str]:
+    """Messages naming each key whose value cannot work; ``sections`` maps section names to their dataclasses."""
+    stage1, stage2, data, ray = sections["stage1"], sections["stage2"], sections["data"], sections["ray"]
+    problems = []
+    if not (_finite(stage2.lr) and stage2.lr > 0):
+        problems.append(f"stage2.lr: must be a finite number > 0, got {stage2.lr}")
+    for key in ("weight_decay", "bce_weight", "dice_weight", "grad_clip_norm"):
+        value = getattr(stage2, key)
+        if not (_finite(value) and value >= 0):
+            problems.append(f"stage2.{key}: must be a finite number >= 0, got {value}")
+    if _finite(stage2.bce_weight) and _finite(stage2.dice_weight) and stage2.bce_weight + stage2.dice_weight <= 0:
+        problems.append("stage2.bce_weight, stage2.dice_weight: at least one must be > 0 (the loss would be 0)")
+    betas = stage2.adam_betas
+    if len(betas) != 2 or not all(_finite(beta) and 0 <= beta < 1 for beta in betas):
+        problems.append(f"stage2.adam_betas: must be two numbers in [0, 1) (beta1, beta2), got {betas}")
+    if stage2.warmup_iterations < 0:
+        problems.append(f"stage2.warmup_iterations: must be >= 0, got {stage2.warmup_iterations}")
+    if stage2.keep_checkpoints < 0:
+        problems.append(f"stage2.keep_checkpoints: must be >= 0 (0 keeps them all), got {stage2.keep_checkpoints}")
+    if stage2.loader_workers < 0:
+        problems.append(f"stage2.loader_workers: must be >= 0, got {stage2.loader_workers}")
+    depth = SAM_ENCODER_DEPTHS.get(stage2.sam_variant)
+    if depth is not None:
+        outside = [block for block in stage2.adapter_blocks if not 0 <= block < depth]
+        if outside:
+            problems.append(f"stage2.adapter_blocks: {outside} outside the {stage2.sam_variant} encoder's blocks "
+                            f"0..{depth - 1}")  # fmt: skip
+        if len(set(stage2.adapter_blocks)) != len(stage2.adapter_blocks):
+            problems.append(f"stage2.adapter_blocks: {stage2.adapter_blocks} names a block twice")
+    if ray.cpus_per_worker < 1:
+        problems.append(f"ray.cpus_per_worker: must be >= 1, got {ray.cpus_per_worker}")
+    if not (_finite(stage1.gpu_memory_utilization) and 0 < stage1.gpu_memory_utilization <= 1):
+        problems.append(f"stage1.gpu_memory_utilization: must be in (0, 1], got {stage1.gpu_memory_utilization}")
+    for family, rate in data.sample_rates.items():
+        if not (_finite(rate) and rate >= 0):
+            problems.append(f"data.sample_rates.{family}: must be a finite number >= 0, got {rate}")
+    for section, key in LOCAL_PATH_KEYS:
+        value = getattr(sections[section], key)
+        if URI_SCHEME.match(value):
+            scheme = value.split("://", 1)[0]
+            problems.append(f"{section}.{key}: {value!r} is a {scheme}:// URI; only local (or mounted) folders are "
+                            "supported yet")  # fmt: skip
+    return problems

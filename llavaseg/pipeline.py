@@ -80,7 +80,11 @@ def reason(
 
 
 def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs: list[str]) -> list:
-    """The stage-2 view of stage 1's output for ``specs``: manifest + shard folder + run key (stage 2 never runs the LLM)."""
+    """The stage-2 view of stage 1's output for ``specs``: manifest + shard folder + run key (stage 2 never runs the LLM).
+
+    A training spec (in ``data.train``, not in ``data.eval``) of a COCO-based dataset gets the manifest without the
+    images of the evaluated refCOCO-family splits (``manifests.leakage``; paper Sec. 4.1); the count is logged."""
+    from manifests.leakage import held_out_coco_ids, training_view
     from stage1_reason.run import manifest_folder, run_dir_for
     from stage2_segment.data import Stage2Source
 
@@ -89,7 +93,11 @@ def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs
     missing = [spec for spec in specs if spec not in by_spec]
     if missing:
         raise ValueError(f"no manifest for {missing}; configured: {sorted(by_spec)}")
-    return [Stage2Source(spec, by_spec[spec].path, manifest_folder(run_dir, spec), key) for spec in specs]
+    training = [spec for spec in specs if spec in config.data.train and spec not in config.data.eval]
+    held_out = held_out_coco_ids((s, by_spec[s].path) for s in config.data.eval if s in by_spec) if training else set()
+    paths = {spec: training_view(spec, by_spec[spec].path, held_out).manifest if spec in training else by_spec[spec].path
+             for spec in specs}  # fmt: skip
+    return [Stage2Source(spec, paths[spec], manifest_folder(run_dir, spec), key) for spec in specs]
 
 
 TINY_MODEL_NOTE = ("Smoke run on tiny randomly initialised models (tiny LLaVA, tiny SAM) and a generated demo dataset: "

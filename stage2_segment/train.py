@@ -91,7 +91,8 @@ def train_settings(config: PipelineConfig, sources: list[Stage2Source]) -> dict[
     stage2 = {k: v for k, v in dataclasses.asdict(config.stage2).items() if k not in NAME_EXCLUDED_KEYS}
     return {
         "stage2": stage2,
-        "sources": [{"spec": source.spec, "run_key": source.run_key} for source in sources],
+        "sources": [{"spec": source.spec, "run_key": source.run_key, "manifest": Path(source.manifest).name}
+                    for source in sources],  # the name tells a training view without held-out images apart
         "sample_rates": dict(sorted(config.data.sample_rates.items())),
         "max_samples_per_manifest": config.data.max_samples_per_manifest,
     }

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.config import PipelineConfig
@@ -79,14 +80,37 @@ def write_checkpoint(
     return folder
 
 
+# Keys of checkpoint.json that loading needs, with their types; checked so that a hand-edited file fails naming them.
+META_KEYS = {"format": str, "step": int, "train_name": str, "model": dict}
+MODEL_KEYS = {"variant": str, "llm_dim": int, "adapter_blocks": list, "seed": int}
+RANDOM_SAM_VARIANTS = ("tiny",)  # the only variant that may be built without frozen SAM weights
+
+
 def read_meta(folder: Path) -> dict[str, Any]:
-    """``checkpoint.json`` of a complete checkpoint; raises CheckpointError otherwise."""
+    """``checkpoint.json`` of a complete checkpoint; raises CheckpointError naming the file and the key when it is
+    incomplete, not JSON, of another format, lacks a key the model needs, or names a SAM variant without weights."""
     folder = Path(folder)
     if not is_complete(folder):
         raise CheckpointError(f"{folder}: not a complete stage-2 checkpoint (no {COMPLETE_MARKER} marker)")
-    meta = json.loads((folder / META_FILE).read_text())
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{folder}: format {meta.get('format')!r}, this code reads {CHECKPOINT_FORMAT!r}")
+    for keys, node, prefix in ((META_KEYS, meta, ""), (MODEL_KEYS, meta.get("model"), "model.")):
+        for key, kind in keys.items():
+            value = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                found = "missing" if not isinstance(node, dict) or key not in node else f"{value!r}"
+                raise CheckpointError(f"{path}: key {prefix}{key} is {found}, expected {kind.__name__}")
+    variant, sam = meta["model"]["variant"], meta.get("sam_checkpoint")
+    if variant not in RANDOM_SAM_VARIANTS and not (isinstance(sam, dict) and sam.get("path") and sam.get("sha256")):
+        raise CheckpointError(f"{path}: key sam_checkpoint is {sam!r}, but model.variant {variant!r} needs its frozen "
+                              "SAM weights (path and sha256); refusing to evaluate with random weights")  # fmt: skip
     return meta
 
 
@@ -159,8 +183,11 @@ def load_trained_model(
 ) -> tuple[AdaptedSam, dict[str, Any]]:
     """(model with the checkpoint's trained weights, in eval mode on ``device``; the checkpoint's meta)."""
     meta = read_meta(folder)
+    if not verify_sam and meta.get("sam_checkpoint") and not Path(meta["sam_checkpoint"]["path"]).is_file():
+        raise CheckpointError(f"{Path(folder) / META_FILE}: the frozen SAM weights it names are missing: "
+                              f"{meta['sam_checkpoint']['path']}")  # fmt: skip
     model = build_model_from_meta(meta, verify_sam)
-    model.load_trainable_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE), device="cpu"))
+    load_trainable_into(model, folder)
     return model.to(device).eval(), meta
 
 
@@ -179,4 +206,14 @@ def load_training_state(folder: Path) -> dict[str, Any]:
 
 
 def load_trainable_into(model: AdaptedSam, folder: Path) -> None:
-    model.load_trainable_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE), device="cpu"))
+    """Load ``trainable.safetensors`` into ``model``; raises CheckpointError naming the file (and the keys) when it
+    is unreadable or does not match the model that ``checkpoint.json`` describes."""
+    path = Path(folder) / WEIGHTS_FILE
+    try:
+        state = load_file(str(path), device="cpu")
+    except (OSError, SafetensorError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable trained weights ({err})") from None
+    try:
+        model.load_trainable_state_dict(state)
+    except KeyError as err:
+        raise CheckpointError(f"{path}: does not match the model in {META_FILE}: {err.args[0]}") from None

@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from shared.config import DEFAULT_CONFIG_NAME, ConfigError, PipelineConfig, load_config
+from shared.console import echo
 
 log = logging.getLogger("llavaseg")
 
@@ -69,8 +70,8 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve() if args.root else config.data_root
     out = Path(args.out) if args.out else config.work_dir / "manifests" / manifest_filename(args.dataset, args.split)
     result = build_manifest(args.dataset, root, args.split, out)
-    print(result.summary())
-    print(f"manifest written to {result.path}")
+    echo(result.summary())
+    echo(f"manifest written to {result.path}")
     return 0
 
 
@@ -102,8 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stage2_segment.train import train
 
     config, manifests, sources = _stage2_inputs(args)
-    result = train(config, sources(config, manifests, config.data.train))
-    print(f"trained to step {result.final_step} (final loss {result.final_loss}); checkpoint: {result.checkpoint_dir}")
+    result = train(config, sources(config, manifests, config.data.train), allow_partial=args.allow_partial)
+    echo(f"trained to step {result.final_step} (final loss {result.final_loss}); checkpoint: {result.checkpoint_dir}")
     return 0
 
 
@@ -113,8 +114,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config, manifests, sources = _stage2_inputs(args)
     metrics = evaluate(config, sources(config, manifests, config.data.eval), _checkpoint(args, config),
                        text_blind=args.text_blind)
-    print(metrics_markdown(metrics))
-    print(f"evaluation written to {config.work_dir / 'eval' / metrics['name']} (metrics.json, metrics.md, overlays/)")
+    echo(metrics_markdown(metrics))
+    echo(f"evaluation written to {config.work_dir / 'eval' / metrics['name']} (metrics.json, metrics.md, overlays/)")
     return 0
 
 
@@ -124,7 +125,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     config, manifests, sources = _stage2_inputs(args)
     out = Path(args.out) if args.out else config.work_dir / "predictions"
     summary = infer(config, sources(config, manifests, config.data.eval), _checkpoint(args, config), out)
-    print(json.dumps(summary, indent=2, default=str))
+    echo(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -140,16 +141,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
         Path(args.out) if args.out else None,
         None if args.query_kind == "auto" else args.query_kind,
     )
-    print(result.describe())
+    echo(result.describe())
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from llavaseg.ablate import run_ablation
 
-    path, _ = run_ablation(args.config, args.profile, args.overrides)
-    print(path.read_text(encoding="utf-8"))
-    print(f"ablation table written to {path}")
+    path, _ = run_ablation(args.config, args.profile, args.overrides, prompt_versions=args.prompt_versions)
+    echo(path.read_text(encoding="utf-8"))
+    echo(f"ablation table written to {path}")
     return 0
 
 
@@ -159,14 +160,14 @@ def cmd_build_mini_models(args: argparse.Namespace) -> int:
     models = ("mini-llava", "mini-sam") if args.only == "all" else (args.only,)
     steps = {"mini-llava": args.llava_steps, "mini-sam": args.sam_steps}
     summary = build_mini_models(Path(args.out), models, args.seed, steps, not args.no_progress, args.threads)
-    print(describe(summary))
+    echo(describe(summary))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from llavaseg.status import collect_status
 
-    print(collect_status(_load(args, check_paths=False)).describe())
+    echo(collect_status(_load(args, check_paths=False)).describe())
     return 0
 
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "stage 2: train the SAM adapters from stage-1 shards on Ray Train")
     _add_config_args(p)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="train although stage 1 has not finished every train shard (default: refuse)")
     p.set_defaults(func=cmd_train)
 
     p = command("evaluate", "stage 2: gIoU/cIoU of a checkpoint on the eval manifests")
@@ -243,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_segment)
 
     p = command("ablate", "paper Table 3: CoT steps, single- vs multi-scale adapters, with/without ReasonSeg")
+    p.add_argument("--prompt-versions", nargs="+", default=[], metavar="VERSION",
+                   help="also compare these stage1.prompt_version values, e.g. v1 v2")
     _add_config_args(p)
     p.set_defaults(func=cmd_ablate)
 
@@ -298,28 +303,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+def _work_dir(args: argparse.Namespace) -> Path | None:
+    """Where this command's log file goes; None for commands that only read (status) or that cannot load the config."""
+    if args.command == "status":
+        return None
     try:
-        return args.func(args)
+        return load_config(args.config, args.profile, args.overrides, check_paths=False).work_dir
+    except (ConfigError, FileNotFoundError, ValueError, OSError):
+        return None  # the command reports the error itself
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llavaseg.logs import route_output
+
+    args = parse_args(argv)
+    log_file = route_output(_work_dir(args), args.command, args.verbose, args.quiet)
+    where = f" (full log: {log_file})" if log_file else ""
+    try:
+        code = args.func(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        echo(f"error: {err}", err=True)
+        code = 2
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        echo(f"error: {err}{where}", err=True)
+        code = 2
     except OSError as err:  # disk full, permissions, ...: the message names the file
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        echo(f"error: {err}{where}", err=True)
+        code = 1
     except KeyboardInterrupt:
-        print("interrupted; finished shards and checkpoints are kept, rerun the same command to resume",
-              file=sys.stderr)  # fmt: skip
-        return 130
+        echo("interrupted; finished shards and checkpoints are kept, rerun the same command to resume", err=True)
+        code = 130
+    except Exception as err:  # an unexpected failure: one line here, the traceback in the log file
+        if not log_file:
+            raise
+        logging.getLogger("traceback").error("%s failed", args.command, exc_info=True)  # not a project logger: file only
+        echo(f"error: {type(err).__name__}: {err}{where}", err=True)
+        code = 1
+    if log_file:
+        echo(f"log: {log_file}", err=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from shared.config import PipelineConfig
+from shared.console import echo
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,6 @@ def run_all(config: PipelineConfig) -> RunSummary:
     summary = RunSummary(seconds, stage1, trained, metrics, dialogue, reused, md, html)
     seconds["total"] = sum(seconds.values())
     for note in report_notes(config):
-        print(f"note: {note}")
-    print(summary.describe(), flush=True)
+        echo(f"note: {note}")
+    echo(summary.describe())
     return summary

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.demo_text import queries
 from manifests.demo_world import COLOURS, Scene, compose_scene

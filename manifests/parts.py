@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, is_record_id, load_coco_json
 from manifests.common import ManifestBuilder, SkipSample

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.common import ManifestBuilder, SkipSample
 from shared.masks import mask_ref_json

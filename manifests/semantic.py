@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.class_names import ADE20K_CLASSES, COCO_STUFF_CLASSES
 from manifests.common import ManifestBuilder, SkipSample

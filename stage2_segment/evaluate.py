@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from shared.config import PipelineConfig
 from shared.paths import resolve_inside

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,34 @@ def test_evaluate_without_a_trained_checkpoint_names_the_train_command(tmp_path)
     )  # fmt: skip
     assert run.returncode == 2
     assert "llavaseg train" in run.stderr and "Traceback" not in run.stderr
+
+
+def _prepare(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llavaseg.cli", "prepare", *flags, f"paths.work_dir={tmp_path / 'work'}",
+         f"paths.data_root={tmp_path / 'data'}", "data.demo_train_images=2", "data.demo_val_images=1",
+         "stage1.model=no-such-org/no-such-model"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_console_shows_own_lines_and_the_log_file_gets_everything(tmp_path):
+    run = _prepare(tmp_path)
+    assert run.returncode == 0, run.stderr
+    (log_file,) = (tmp_path / "work" / "logs").glob("prepare-*.log")
+    assert run.stdout == ""
+    assert run.stderr.splitlines()[-1] == f"log: {log_file}"
+    assert "manifest reasonseg/val: 1 rows, 0 skipped" in run.stderr
+    assert "\r" not in run.stderr and "\x1b[" not in run.stderr  # plain lines when not a terminal
+    assert re.search(r"^demo train: 2/2 image done \(\d+s", run.stderr, re.M)
+    logged = log_file.read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO llavaseg.pipeline: manifest reasonseg/val: 1 rows", logged, re.M)
+
+    quiet = _prepare(tmp_path / "q", "-q")
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    assert [line for line in quiet.stderr.splitlines() if not line.startswith("log: ")] == []
+
+    verbose = _prepare(tmp_path / "v", "-v")
+    assert verbose.returncode == 0
+    assert not (tmp_path / "v" / "work" / "logs").exists()  # -v: everything on the console, nothing redirected
+    assert re.search(r"^[\d:]+ INFO llavaseg.pipeline: manifest reasonseg/val: 1 rows", verbose.stderr, re.M)

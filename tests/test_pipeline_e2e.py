@@ -117,6 +117,13 @@ def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
     report_html = project.work / "report" / "report.html"
     assert f"report: {report_html}" in out
 
+    console = project.first.stdout + project.first.stderr
+    noise = re.findall(r".*(?:\bINFO\b|\bWARNING\b|vllm|VLLM|EngineCore|Triton|triton|Warning:|Traceback|\x1b\[|\r).*",
+                       console)  # fmt: skip
+    assert noise == [], noise[:10]  # vLLM, Ray, torch and Triton lines go to the log file, not to the console
+    log_file = Path(re.search(r"^log: (\S+)$", project.first.stderr, re.M).group(1))
+    assert log_file.parent == project.work / "logs" and "vllm" in log_file.read_text()
+
     md = (project.work / "report" / "report.md").read_text(encoding="utf-8")
     for heading in ("## Segmentation", "## Dialogue quality", "## Stage 1: MLLM reasoning", "## Training", "## Gallery"):
         assert heading in md

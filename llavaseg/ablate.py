@@ -2,7 +2,10 @@
 
 Variants, each a set of config overrides on top of the given config (the baseline):
 
-- (a) prompts: ``stage1.cot_steps`` 1 (step-1 answer), 2 (+ target), 3 (+ attributes: the baseline);
+- (a) prompts: ``stage1.cot_steps`` 1 (step-1 answer), 2 (the step-2 target prompt alone; its target is embedded), 3 (the
+  merged step-2/3 answer, as written: the baseline);
+- (p) prompt wording, on request (``--prompt-versions v1 v2``): the baseline's CoT steps with each ``stage1.prompt_version``
+  (v1: Figure 4's merged wording; v2: Sec. 3.2 word for word);
 - (b) scales: adapters after one encoder block (the deepest of the baseline's adapter blocks) vs the baseline's
   multi-scale blocks;
 - (d) generalisation: training without the ReasonSeg manifests ("nors"), evaluated on the same eval manifests.
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import PipelineConfig, load_config
+from shared.console import echo
 from shared.shards import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -33,7 +37,7 @@ REASONSEG = "reasonseg"
 
 @dataclass
 class Variant:
-    table: str  # "a", "b", "d" as in the paper's Table 3
+    table: str  # "a", "b", "d" as in the paper's Table 3; "p" for the prompt wording
     label: str
     overrides: list[str]
     skipped: str = ""  # reason, when the variant cannot run on this data
@@ -44,8 +48,9 @@ def _list_value(items: list[Any]) -> str:
     return json.dumps(items)  # a TOML array literal for the override parser
 
 
-def plan_variants(config: PipelineConfig) -> list[Variant]:
-    """The ablation variants of ``config`` (the baseline is the multi-scale, 3-step row)."""
+def plan_variants(config: PipelineConfig, prompt_versions: list[str] | tuple[str, ...] = ()) -> list[Variant]:
+    """The ablation variants of ``config`` (the baseline is the multi-scale, 3-step row); ``prompt_versions`` adds a
+    row per prompt version (table "p"), the baseline's own version included."""
     from stage2_segment.modeling import get_variant
 
     baseline_steps = config.stage1.cot_steps
@@ -69,6 +74,9 @@ def plan_variants(config: PipelineConfig) -> list[Variant]:
     else:
         variants.append(Variant("d", "without ReasonSeg (nors)", [cot, f"data.train={_list_value(without)}"]))
     variants.append(Variant("d", "with ReasonSeg", [cot]))
+    for version in dict.fromkeys(prompt_versions):
+        baseline = " (baseline)" if version == config.stage1.prompt_version else ""
+        variants.append(Variant("p", f"prompt_version {version}{baseline}", [cot, f"stage1.prompt_version={version}"]))
     return variants
 
 
@@ -82,12 +90,14 @@ def _scores_cells(result: dict[str, Any], specs: list[str]) -> list[str]:
 
 def ablation_markdown(variants: list[Variant], specs: list[str], notes: list[str]) -> str:
     titles = {"a": "(a) Chain-of-thought steps", "b": "(b) Scales of the language-aware adapters",
-              "d": "(d) Training with or without ReasonSeg"}  # fmt: skip
+              "d": "(d) Training with or without ReasonSeg", "p": "Prompt wording (stage1.prompt_version)"}  # fmt: skip
     lines = ["# Ablations (paper Table 3)", ""]
     for note in notes:
         lines += [f"> **Note:** {note}", ""]
     header = ["variant", *(f"{spec} {m} (%)" for spec in specs for m in ("gIoU", "cIoU")), "train run", "stage-1 run"]
-    for table in ("a", "b", "d"):
+    for table in ("a", "b", "d", "p"):
+        if not any(v.table == table for v in variants):
+            continue
         lines += [f"## {titles[table]}", "", "| " + " | ".join(header) + " |",
                   "|" + "|".join([":--", *["--:"] * (2 * len(specs)), ":--", ":--"]) + "|"]  # fmt: skip
         for v in (v for v in variants if v.table == table):
@@ -101,37 +111,27 @@ def ablation_markdown(variants: list[Variant], specs: list[str], notes: list[str
     return "\n".join(lines)
 
 
-def count_attributes(sources: list) -> int:
-    """Stage-1 rows of ``sources`` with a non-empty parsed ``attributes`` text."""
-    from shared.shards import read_shards
-
-    count = 0
-    for source in dict((s.shard_dir, s) for s in sources).values():
-        values = read_shards(source.shard_dir, source.run_key, columns=["attributes"])["attributes"].to_pylist()
-        count += sum(1 for value in values if value and value.strip())
-    return count
-
-
 def run_ablation(
-    config_path: str | Path, profile: str | None, overrides: list[str], backend: Any = None, embedder: Any = None
+    config_path: str | Path, profile: str | None, overrides: list[str], backend: Any = None, embedder: Any = None,
+    prompt_versions: list[str] | tuple[str, ...] = (),
 ) -> tuple[Path, list[Variant]]:
     """Run every variant of the config at ``config_path`` (+ profile, overrides); returns the table path and variants.
-    ``backend``/``embedder``: stage-1 engines already running (they serve every variant; only prompts differ)."""
+    ``backend``/``embedder``: stage-1 engines already running (they serve every variant; only prompts differ).
+    ``prompt_versions``: also compare these stage-1 prompt versions (table "p")."""
     from llavaseg.pipeline import evaluate_or_reuse, prepare, reason, report_notes, stage2_sources
     from stage2_segment.train import train
 
     base = load_config(config_path, profile, overrides)
-    variants = plan_variants(base)
+    variants = plan_variants(base, prompt_versions)
     manifests = prepare(base)
     notes = report_notes(base)
     for note in notes:
-        print(f"note: {note}", flush=True)
+        echo(f"note: {note}")
     done: dict[str, dict[str, Any]] = {}  # train name -> result, shared by variants that resolve to the same run
     runnable = [v for v in variants if not v.skipped]
     for number, variant in enumerate(runnable, 1):
         started = time.perf_counter()
-        print(f"ablation {number}/{len(runnable)}: ({variant.table}) {variant.label}  [{' '.join(variant.overrides)}]",
-              flush=True)  # fmt: skip
+        echo(f"ablation {number}/{len(runnable)}: ({variant.table}) {variant.label}  [{' '.join(variant.overrides)}]")
         config = load_config(config_path, profile, [*overrides, *variant.overrides])
         stage1 = reason(config, manifests, backend=backend, embedder=embedder)
         train_sources = stage2_sources(config, manifests, config.data.train)
@@ -145,14 +145,8 @@ def run_ablation(
                               "step": trained.final_step, "stage1_run_key": stage1.run_key,
                               "checkpoint": str(trained.checkpoint_dir)}  # fmt: skip
             done[trained.train_name] = variant.result
-        if variant.table == "a" and config.stage1.cot_steps == 3:
-            with_attributes = count_attributes(stage2_sources(config, manifests, list(config.data.train) +
-                                                              list(config.data.eval)))  # fmt: skip
-            if with_attributes == 0:
-                notes.append("The MLLM's step-2/3 answers gave no parsable attributes for any sample, so 'steps 1+2' "
-                             "and 'steps 1+2+3' embed the same text here.")  # fmt: skip
-        print(f"  stage 1: {stage1.new_rows} new, {stage1.reused_rows} reused; {trained.train_name} step "
-              f"{trained.final_step} ({trained.steps_done} new steps); {time.perf_counter() - started:.0f}s", flush=True)
+        echo(f"  stage 1: {stage1.new_rows} new, {stage1.reused_rows} reused; {trained.train_name} step "
+             f"{trained.final_step} ({trained.steps_done} new steps); {time.perf_counter() - started:.0f}s")
     out_dir = base.work_dir / "ablation"
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = list(base.data.eval)

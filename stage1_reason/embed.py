@@ -30,15 +30,9 @@ from typing import Any
 import numpy as np
 
 from stage1_reason import prompts
-from stage1_reason.engine import (
-    ImageLike,
-    ReasonOutput,
-    Sample,
-    load_hf_model,
-    load_processor,
-    shutdown_engine,
-    to_pil,
-)
+from stage1_reason.chain import ReasonOutput, Sample
+from stage1_reason.engine import ImageLike, load_hf_model, load_processor, mllm_image, shutdown_engine
+from stage1_reason.llava_conventions import clip_mean_colour, render_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +80,9 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def locate_seg_span(processor: Any, messages: list[prompts.Message], seg_text: str) -> SegSpan:
+def locate_seg_span(
+    processor: Any, messages: list[prompts.Message], seg_text: str, conversation_format: str = "chat_template"
+) -> SegSpan:
     """Render ``messages`` + ``seg_text`` as the assistant's answer and find seg_text's tokens (at the end).
 
     The context is the chat template's own rendering up to where the answer starts. If tokenising the context alone does
@@ -98,15 +94,15 @@ def locate_seg_span(processor: Any, messages: list[prompts.Message], seg_text: s
     if not seg:
         raise ValueError("empty seg_text")
     tokenizer = getattr(processor, "tokenizer", processor)
-    with_answer = processor.apply_chat_template(
-        messages + [{"role": "assistant", "content": [{"type": "text", "text": seg}]}],
-        add_generation_prompt=False, tokenize=False,
+    with_answer = render_conversation(
+        processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": seg}]}],
+        add_generation_prompt=False, conversation_format=conversation_format,
     )
     position = with_answer.rfind(seg)
     if position >= 0:
         context = with_answer[:position]
     else:  # the template rewrote the answer: continue the generation prompt instead
-        context = prompts.render_prompt(processor, messages)
+        context = prompts.render_prompt(processor, messages, conversation_format)
         context = context if context[-1:].isspace() else context + " "
     text = context + seg
     full_ids = _token_ids(tokenizer, text)
@@ -125,23 +121,30 @@ def locate_seg_span(processor: Any, messages: list[prompts.Message], seg_text: s
 class _EmbedderBase:
     mode = "hidden"
 
-    def __init__(self, model: str, max_embed_tokens: int, max_model_len: int, trust_remote_code: bool):
+    def __init__(
+        self, model: str, max_embed_tokens: int, max_model_len: int, trust_remote_code: bool,
+        conversation_format: str = "chat_template", pad_to_square: bool = False,
+    ):
         if max_embed_tokens <= 0:
             raise ValueError(f"max_embed_tokens must be positive, got {max_embed_tokens}")
         self.model = model
         self.max_embed_tokens = max_embed_tokens
         self.max_model_len = max_model_len
         self.processor = load_processor(model, trust_remote_code)
+        self.conversation_format = conversation_format
+        self.pad_colour = clip_mean_colour(self.processor) if pad_to_square else None
 
-    def _span(self, request: EmbedRequest) -> tuple[SegSpan, Any] | EmbedResult:
-        """The located span and the processor's tensors for its text+image, or the row's error."""
+    def _span(self, request: EmbedRequest) -> tuple[SegSpan, Any, Any] | EmbedResult:
+        """The located span, the processor's tensors for its text+image and the image as the MLLM sees it, or the row's
+        error."""
         if request.error:
             return EmbedResult(request.key, error=request.error)
         if request.image is None:
             return EmbedResult(request.key, error="no image given for the request")
         try:
-            span = locate_seg_span(self.processor, request.messages, request.seg_text)
-            inputs = self.processor(text=[span.text], images=[to_pil(request.image)], return_tensors="pt")
+            span = locate_seg_span(self.processor, request.messages, request.seg_text, self.conversation_format)
+            image = mllm_image(request.image, self.pad_colour)
+            inputs = self.processor(text=[span.text], images=[image], return_tensors="pt")
         except Exception as exc:  # template, tokenizer and image errors come in many types
             return EmbedResult(request.key, error=f"embedding input: {type(exc).__name__}: {exc}")
         total = int(inputs["input_ids"].shape[1])
@@ -149,7 +152,7 @@ class _EmbedderBase:
             return EmbedResult(
                 request.key, error=f"embedding prompt too long: {total} tokens > max_model_len {self.max_model_len}"
             )
-        return span, inputs
+        return span, inputs, image
 
     def _result(self, key: str, span: SegSpan, vectors: np.ndarray | None) -> EmbedResult:
         """Cap the span at max_embed_tokens; vectors are the span's rows [n_tokens, dim] (hidden mode)."""
@@ -168,9 +171,10 @@ class TokenIdEmbedder(_EmbedderBase):
     mode = "input"
 
     def __init__(
-        self, model: str, max_embed_tokens: int = 64, max_model_len: int = 2048, trust_remote_code: bool = False
+        self, model: str, max_embed_tokens: int = 64, max_model_len: int = 2048, trust_remote_code: bool = False,
+        conversation_format: str = "chat_template", pad_to_square: bool = False,
     ):
-        super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code)
+        super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
@@ -189,9 +193,10 @@ class TransformersEmbedder(_EmbedderBase):
 
     def __init__(
         self, model: str, max_embed_tokens: int = 64, max_model_len: int = 2048, dtype: str = "float32",
-        trust_remote_code: bool = False, device: str = "cpu",
+        trust_remote_code: bool = False, device: str = "cpu", conversation_format: str = "chat_template",
+        pad_to_square: bool = False,
     ):
-        super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code)
+        super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         self.device = device
         self.hf_model = load_hf_model(model, dtype, trust_remote_code, device)
         self.dim = int(self.hf_model.config.get_text_config().hidden_size)
@@ -205,7 +210,7 @@ class TransformersEmbedder(_EmbedderBase):
             if isinstance(located, EmbedResult):
                 results.append(located)
                 continue
-            span, inputs = located
+            span, inputs, _ = located
             try:
                 with torch.inference_mode():
                     output = self.hf_model(**inputs.to(self.device), output_hidden_states=True)
@@ -234,9 +239,10 @@ class VllmEmbedder(_EmbedderBase):
     def __init__(
         self, model: str, max_embed_tokens: int = 64, max_model_len: int = 2048, dtype: str = "float32",
         tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.1, enforce_eager: bool = True,
-        trust_remote_code: bool = False, seed: int = 0, **engine_kwargs: Any,
+        trust_remote_code: bool = False, seed: int = 0, conversation_format: str = "chat_template",
+        pad_to_square: bool = False, **engine_kwargs: Any,
     ):
-        super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code)
+        super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         from vllm import LLM
         from vllm.config import PoolerConfig
 
@@ -250,11 +256,11 @@ class VllmEmbedder(_EmbedderBase):
         )
         self.dim = int(self.llm.llm_engine.model_config.get_hidden_size())
 
-    def _run(self, batch: list[tuple[EmbedRequest, SegSpan, int]]) -> list[EmbedResult]:
-        prompts_in = [{"prompt": span.text, "multi_modal_data": {"image": to_pil(req.image)}} for req, span, _ in batch]
+    def _run(self, batch: list[tuple[EmbedRequest, SegSpan, int, Any]]) -> list[EmbedResult]:
+        prompts_in = [{"prompt": span.text, "multi_modal_data": {"image": image}} for _, span, _, image in batch]
         outputs = self.llm.encode(prompts_in, pooling_task="token_embed", use_tqdm=False)
         results = []
-        for (request, span, total), output in zip(batch, outputs, strict=True):
+        for (request, span, total, _), output in zip(batch, outputs, strict=True):
             vectors = output.outputs.data  # NxD over the whole prompt, image tokens included
             count = len(span.token_ids)
             if vectors.shape[0] != total or list(output.prompt_token_ids[-count:]) != span.token_ids:
@@ -274,7 +280,7 @@ class VllmEmbedder(_EmbedderBase):
             if isinstance(located, EmbedResult):
                 results[index] = located
             else:
-                batch.append((request, located[0], int(located[1]["input_ids"].shape[1])))
+                batch.append((request, located[0], int(located[1]["input_ids"].shape[1]), located[2]))
                 positions.append(index)
         if batch:
             try:
@@ -356,15 +362,16 @@ def export_input_embeddings(model: str, path: Path, dtype: str = "float16") -> P
 
 def make_embedder(mode: str, model: str, backend: str = "vllm", **kwargs: Any) -> Any:
     """The embedder for ``mode`` (hidden | input) and ``backend`` (vllm | transformers)."""
+    shared = ("max_embed_tokens", "max_model_len", "trust_remote_code", "conversation_format", "pad_to_square")
     if mode == "input":
-        keep = {k: kwargs[k] for k in ("max_embed_tokens", "max_model_len", "trust_remote_code") if k in kwargs}
+        keep = {k: kwargs[k] for k in shared if k in kwargs}
         return TokenIdEmbedder(model, **keep)
     if mode != "hidden":
         raise ValueError(f"embed_mode must be one of {EMBED_MODES}, got {mode!r}")
     if backend == "vllm":
         return VllmEmbedder(model, **kwargs)
     if backend == "transformers":
-        names = ("max_embed_tokens", "max_model_len", "dtype", "trust_remote_code")
+        names = (*shared, "dtype")
         keep = {k: kwargs[k] for k in names if k in kwargs}
         return TransformersEmbedder(model, **keep)
     raise ValueError(f"backend must be vllm or transformers, got {backend!r}")

@@ -7,21 +7,24 @@ whose token count plus ``max_new_tokens`` exceeds ``max_model_len`` becomes that
 whole batch, the rows are retried one by one to isolate the culprit. Prompts are rendered with the model's own chat
 template and counted by its own processor.
 
-``run_chain_of_thought`` drives the paper's two turns over a batch of samples: all step-1 prompts in one backend call,
-then all second-turn (target + attributes) prompts in one call.
+``conversation_format`` ("chat_template" | "llava_v1") and ``pad_to_square`` select LLaVA-1.5's own conventions (see
+``llava_conventions``); both backends apply them in the same shared code, so they read identical prompts and images.
+
+``run_chain_of_thought`` (in ``chain``, re-exported here) drives the paper's two turns over a batch of samples.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from stage1_reason import parsing, prompts
+from stage1_reason import prompts
+from stage1_reason.llava_conventions import clip_mean_colour, expand2square
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,12 @@ def to_pil(image: ImageLike) -> Image.Image:
     raise ValueError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
 
 
+def mllm_image(image: ImageLike, pad_colour: tuple[int, int, int] | None = None) -> Image.Image:
+    """The image as the MLLM gets it: RGB, padded to a square with ``pad_colour`` when one is given (LLaVA-1.5)."""
+    pil = to_pil(image)
+    return expand2square(pil, pad_colour) if pad_colour is not None else pil
+
+
 def load_processor(model: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoProcessor
 
@@ -92,13 +101,18 @@ class GenerationBackend(Protocol):
 class _BackendBase:
     """Request validation shared by the backends: same prompts, same counting, same limits, same error texts."""
 
-    def __init__(self, model: str, max_new_tokens: int, max_model_len: int, trust_remote_code: bool):
+    def __init__(
+        self, model: str, max_new_tokens: int, max_model_len: int, trust_remote_code: bool,
+        conversation_format: str = "chat_template", pad_to_square: bool = False,
+    ):
         if max_new_tokens <= 0 or max_model_len <= 0:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) and max_model_len ({max_model_len}) must be positive")
         self.model = model
         self.max_new_tokens = max_new_tokens
         self.max_model_len = max_model_len
         self.processor = load_processor(model, trust_remote_code)
+        self.conversation_format = conversation_format
+        self.pad_colour = clip_mean_colour(self.processor) if pad_to_square else None
 
     def _prepare(self, index: int, request: Request) -> _Prepared | Result:
         if request.error:
@@ -106,7 +120,7 @@ class _BackendBase:
         if request.image is None:
             return Result(request.key, error="no image given for the request")
         try:
-            image = to_pil(request.image)
+            image = mllm_image(request.image, self.pad_colour)
         except (ValueError, OSError) as exc:
             return Result(request.key, error=f"bad image: {exc}")
         placeholder = getattr(self.processor, "image_token", None)
@@ -115,7 +129,7 @@ class _BackendBase:
                 request.key, error=f"text contains the image placeholder {placeholder!r}; remove it from the query"
             )
         try:
-            prompt = prompts.render_prompt(self.processor, request.messages)
+            prompt = prompts.render_prompt(self.processor, request.messages, self.conversation_format)
         except Exception as exc:  # template errors come in many types (jinja, KeyError, ValueError)
             return Result(request.key, error=f"chat template failed: {type(exc).__name__}: {exc}")
         try:
@@ -165,9 +179,11 @@ class VllmBackend(_BackendBase):
         enforce_eager: bool = True,
         trust_remote_code: bool = False,
         seed: int = 0,
+        conversation_format: str = "chat_template",
+        pad_to_square: bool = False,
         **engine_kwargs: Any,
     ):
-        super().__init__(model, max_new_tokens, max_model_len, trust_remote_code)
+        super().__init__(model, max_new_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         from vllm import LLM, SamplingParams
 
         engine_kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
@@ -269,8 +285,10 @@ class TransformersBackend(_BackendBase):
         trust_remote_code: bool = False,
         seed: int = 0,
         device: str = "cpu",
+        conversation_format: str = "chat_template",
+        pad_to_square: bool = False,
     ):
-        super().__init__(model, max_new_tokens, max_model_len, trust_remote_code)
+        super().__init__(model, max_new_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         import torch
 
         torch.manual_seed(seed)
@@ -319,108 +337,6 @@ def _eos_ids(hf_model: Any, processor: Any) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos]) - {None}
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One manifest row for stage 1. ``image_error`` (set when the image could not be read) makes the row an error."""
-
-    key: str
-    query: str
-    query_kind: str
-    image: ImageLike | None = None
-    image_error: str | None = None
-
-
-@dataclass(frozen=True)
-class ReasonOutput:
-    """The chain of thought of one sample.
-
-    ``context_messages`` is the conversation whose assistant continuation is ``seg_text`` (what the embedding pass
-    reads); ``parse_status`` is "ok" | "fallback", or "skipped" when cot_steps is 1 (no second turn).
-    """
-
-    key: str
-    reason_question: str = ""
-    reason_answer: str = ""
-    target_attribute_answer: str = ""
-    target: str = ""
-    attributes: str = ""
-    parse_status: str = ""
-    seg_text: str = ""
-    context_messages: list[prompts.Message] = field(default_factory=list)
-    generated_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def status(self) -> str:
-        return "ok" if self.error is None else "error"
-
-
-def run_chain_of_thought(
-    backend: GenerationBackend,
-    samples: list[Sample],
-    cot_steps: int = prompts.DEFAULT_COT_STEPS,
-    prompt_version: str = prompts.PROMPT_VERSION,
-) -> list[ReasonOutput]:
-    """Both turns for a batch: every step-1 prompt in one backend call, then every second-turn prompt in one call."""
-    if cot_steps not in prompts.COT_STEPS:
-        raise ValueError(f"cot_steps must be one of {prompts.COT_STEPS}, got {cot_steps!r}")
-    keys = [sample.key for sample in samples]
-    if len(set(keys)) != len(keys):
-        duplicates = sorted({key for key in keys if keys.count(key) > 1})
-        raise ValueError(f"sample keys must be unique within a batch; repeated: {duplicates[:5]}")
-    outputs: dict[str, ReasonOutput] = {}
-    questions: dict[str, str] = {}
-    step1: list[Request] = []
-    for sample in samples:
-        try:
-            questions[sample.key] = prompts.reason_question(sample.query, sample.query_kind, prompt_version)
-        except ValueError as exc:
-            outputs[sample.key] = ReasonOutput(sample.key, error=f"query: {exc}")
-            continue
-        error = f"image: {sample.image_error}" if sample.image_error else None
-        step1.append(Request(sample.key, prompts.reason_messages(questions[sample.key]), sample.image, error))
-    images = {sample.key: sample.image for sample in samples}
-
-    step2: list[Request] = []
-    first_answers: dict[str, Result] = {}
-    for request, result in zip(step1, backend.generate(step1), strict=True):
-        question = questions[request.key]
-        if not result.ok:
-            outputs[request.key] = ReasonOutput(request.key, question, error=f"step 1: {result.error}")
-        elif cot_steps == 1:
-            outputs[request.key] = _finish(
-                ReasonOutput(request.key, question, result.text, parse_status="skipped", seg_text=result.text,
-                             context_messages=request.messages, generated_tokens=result.num_tokens)
-            )
-        else:
-            first_answers[request.key] = result
-            messages = prompts.target_attribute_messages(question, result.text, prompt_version)
-            step2.append(Request(request.key, messages, images[request.key]))
-
-    for request, result in zip(step2, backend.generate(step2) if step2 else [], strict=True):
-        first = first_answers[request.key]
-        question = questions[request.key]
-        if not result.ok:
-            outputs[request.key] = ReasonOutput(request.key, question, first.text, error=f"step 2: {result.error}")
-            continue
-        parsed = parsing.parse_merged_answer(result.text)
-        outputs[request.key] = _finish(
-            ReasonOutput(
-                request.key, question, first.text, result.text, parsed.target, parsed.attributes, parsed.parse_status,
-                prompts.seg_text(cot_steps, first.text, parsed.target, parsed.attributes, seg_answer=result.text),
-                request.messages,
-                first.num_tokens + result.num_tokens,
-            )
-        )
-    return [outputs[sample.key] for sample in samples]
-
-
-def _finish(output: ReasonOutput) -> ReasonOutput:
-    if output.seg_text.strip():
-        return output
-    return replace(output, error="nothing to embed: the model's answer gave an empty seg_text")
-
-
 VLLM_ONLY_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager")
 
 
@@ -431,3 +347,15 @@ def make_backend(kind: str, model: str, **settings: Any) -> GenerationBackend:
     if kind == "transformers":
         return TransformersBackend(model, **{k: v for k, v in settings.items() if k not in VLLM_ONLY_SETTINGS})
     raise ValueError(f"backend must be vllm or transformers, got {kind!r}")
+
+
+_CHAIN_NAMES = ("ReasonOutput", "Sample", "run_chain_of_thought")
+
+
+def __getattr__(name: str) -> Any:
+    """The chain of thought lives in ``chain`` (which imports this module); its names stay importable from here."""
+    if name in _CHAIN_NAMES:
+        from stage1_reason import chain
+
+        return getattr(chain, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

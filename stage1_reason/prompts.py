@@ -10,6 +10,15 @@ target, 3 = the merged step-2/3 answer as the MLLM wrote it (the default): it ho
 attributes (Sec. 3.3), and it does not depend on the parser. ``SEG_TEXT_RULES`` says the same in words; it is part of
 the stage-1 run key, so a change of rule cannot reuse old shards.
 
+Versions:
+
+- ``v1`` (the demo default): the wording of the paper's Figure 4 for the merged turn ("Please analyze the image and
+  conversations and identify ... that the asker wants ..."), and Sec. 3.2's target sentence alone for step 2.
+- ``v2`` (the paper profiles' default): Sec. 3.2 word for word. The second turn opens with the conversation block
+  "Here is the conversation:\nThe question is: [QUESTION]\nThe answer is: [ANSWER]\n", then the target sentence (step 2
+  alone) or "Follow these guidelines strictly: (1) Please analyze the conversation ... (2) Briefly describe ..."
+  (steps 2+3 merged). Both versions keep the two-turn conversation, so turn 1 is in the context either way.
+
 Changing any prompt text means a new ``PromptSet`` under a new version: the version is part of every stage-1 output key.
 """
 
@@ -29,9 +38,11 @@ class PromptSet:
     """The prompt texts of one prompt version."""
 
     reason_template: str  # step 1; "{query}" is replaced by the user query
-    target_attribute_prompt: str  # steps 2+3, the second turn
+    target_attribute_prompt: str  # steps 2+3, the second turn; may use {question} and {answer}
     target_prompt: str  # step 2 alone (the step-1+2 ablation), the second turn; may use {question} and {answer}
 
+
+_CONVERSATION_BLOCK = "Here is the conversation:\nThe question is: {question}\nThe answer is: {answer}\n"
 
 PROMPTS: dict[str, PromptSet] = {
     "v1": PromptSet(
@@ -45,6 +56,19 @@ PROMPTS: dict[str, PromptSet] = {
         target_prompt=(
             "Please analyze the conversation and identify the distinct physical objects or areas that the user wants "
             "from the image."
+        ),
+    ),
+    "v2": PromptSet(
+        reason_template="What is the object or part that is {query} in this image?",
+        target_attribute_prompt=(
+            _CONVERSATION_BLOCK + "Follow these guidelines strictly: (1) Please analyze the conversation and identify "
+            "the distinct physical objects or areas that the user wants from the image. (2) Briefly describe the target "
+            "entity or part's visual attributes that can discriminate them from the image. Each visual attribute can be "
+            "color, shape, and relative position to other objects in the image."
+        ),
+        target_prompt=(
+            _CONVERSATION_BLOCK + "Please analyze the conversation and identify the distinct physical objects or areas "
+            "that the user wants from the image."
         ),
     ),
 }
@@ -85,9 +109,10 @@ def reason_messages(question: str) -> list[Message]:
 
 def target_attribute_messages(question: str, reason_answer: str, prompt_version: str = PROMPT_VERSION) -> list[Message]:
     """Turn 2 of the same conversation: turn 1, the model's step-1 answer, then the merged target/attribute prompt."""
+    prompt = prompt_set(prompt_version).target_attribute_prompt.format(question=question, answer=reason_answer.strip())
     return reason_messages(question) + [
         {"role": "assistant", "content": [_text(reason_answer.strip())]},
-        {"role": "user", "content": [_text(prompt_set(prompt_version).target_attribute_prompt)]},
+        {"role": "user", "content": [_text(prompt)]},
     ]
 
 
@@ -112,9 +137,18 @@ def message_texts(messages: list[Message]) -> list[str]:
     return texts
 
 
-def render_prompt(processor: Any, messages: list[Message]) -> str:
-    """Prompt text for a conversation awaiting the assistant's next turn, in the model's own chat template."""
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def render_prompt(processor: Any, messages: list[Message], conversation_format: str = "chat_template") -> str:
+    """Prompt text for a conversation awaiting the assistant's next turn: the model's own chat template, or LLaVA-1.5's
+    original ``llava_v1`` format (see ``llava_conventions``)."""
+    from stage1_reason.llava_conventions import render_conversation
+
+    return render_conversation(processor, messages, True, conversation_format)
+
+
+def second_turn_prompt(messages: list[Message]) -> str:
+    """The text of the last user turn of a conversation (the prompt of the turn whose answer is embedded)."""
+    users = [m for m in messages if m.get("role") == "user"]
+    return message_texts(users[-1:])[-1] if users else ""
 
 
 def join_target_attributes(target: str, attributes: str) -> str:

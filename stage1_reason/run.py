@@ -5,13 +5,14 @@ Layout under ``<work_dir>/stage1/<run_key>/``::
     run.json                      the settings that make up the run key (model + weights fingerprint, prompt version, ...)
     resolved_config.json
     input_embeddings.safetensors  (embed_mode "input" only) the MLLM's input embedding table, for stage 2 lookups
-    <dataset>-<split>/00000.parquet, 00000.done.json, ...
+    <dataset>-<split>/00000.parquet, ..., .done/00000.done.json, ..., .partial/ (hidden from readers)
 
-Phase 1 (generation engine) turns each pending shard's rows into a ``<n>.gen.parquet`` with the chain of thought; phase 2
+Phase 1 (generation engine) turns each pending shard's rows into a ``.partial/<n>.gen.parquet`` with the chain of thought; phase 2
 (embedding engine, started after the first is closed: one engine at a time) adds token ids and embeddings and writes the
 final shard, then its ``done`` file, then removes the ``gen`` file. Both phases write to temporary names and rename, so a
 kill at any point loses at most the shard in flight; a rerun skips done shards and reuses finished generation.
-Per-row failures (unreadable image, empty or over-long query, engine errors) are error rows, never a crash.
+Per-row failures (unreadable image, empty or over-long query, engine errors) are error rows, never a crash. The phases
+of one shard are in ``shard_phases``.
 """
 
 from __future__ import annotations
@@ -24,43 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from shared import shards
 from shared.config import PipelineConfig
-from stage1_reason import parsing, prompts
+from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.fingerprint import model_fingerprint
+from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
+    GEN_SCHEMA,
+    ShardTask,
+    embed_shard,
+    gen_covers,
+    gen_path,
+    generate_shard,
+    read_manifest_rows,
+)
 from stage1_reason.tiny_model import resolve_model
 
 log = logging.getLogger(__name__)
-
-GEN_SUFFIX = ".gen.parquet"
-GEN_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string()),
-        pa.field("reason_prompt", pa.string()),
-        pa.field("reason_answer", pa.string()),
-        pa.field("seg_answer", pa.string()),
-        pa.field("target", pa.string()),
-        pa.field("attributes", pa.string()),
-        pa.field("parse_status", pa.string()),
-        pa.field("seg_text", pa.string()),
-        pa.field("context_messages", pa.string()),  # JSON: the conversation seg_text continues
-        pa.field("generated_tokens", pa.int32()),
-        pa.field("error", pa.string()),
-    ]
-)
-MANIFEST_COLUMNS = ["sample_id", "dataset", "split", "image_path", "query", "query_kind"]
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    manifest: str  # "<dataset>/<split>"
-    manifest_path: str
-    index: int
-    path: str  # final shard path
-    sample_ids: list[str]
 
 
 @dataclass
@@ -72,6 +54,7 @@ class ManifestStats:
     errors: int = 0
     generated_tokens: int = 0
     embedded_tokens: int = 0
+    capped_rows: int = 0  # rows whose seg_text had more tokens than max_embed_tokens (the rest was cut)
     generate_seconds: float = 0.0  # summed over every done shard, reused ones included
     embed_seconds: float = 0.0
 
@@ -97,6 +80,10 @@ class Stage1Summary:
     def errors(self) -> int:
         return sum(s.errors for s in self.per_manifest.values())
 
+    @property
+    def capped_rows(self) -> int:
+        return sum(s.capped_rows for s in self.per_manifest.values())
+
     def generation_rate(self) -> float | None:
         """Rows per second of generation over every done shard (from their done files), None when unknown."""
         seconds = sum(s.generate_seconds for s in self.per_manifest.values())
@@ -107,12 +94,13 @@ class Stage1Summary:
         rate = self.generated_samples / self.seconds if self.seconds and self.generated_samples else 0.0
         lines = [
             f"stage 1: {self.new_rows} new samples, {self.reused_rows} reused, {self.errors} error rows, "
-            f"{self.seconds:.1f}s ({rate:.2f} samples/s generated) -> {self.run_dir}"
+            f"{self.capped_rows} rows cut at max_embed_tokens, {self.seconds:.1f}s ({rate:.2f} samples/s generated) -> {self.run_dir}"
         ]
         for name, s in self.per_manifest.items():
             lines.append(
                 f"  {name}: {s.rows} rows in {s.shards} shards ({s.new_rows} new, {s.reused_rows} reused, "
-                f"{s.errors} errors, {s.generated_tokens} generated tokens, {s.embedded_tokens} embedded tokens)"
+                f"{s.errors} errors, {s.generated_tokens} generated tokens, {s.embedded_tokens} embedded tokens, "
+                f"{s.capped_rows} cut at max_embed_tokens)"
             )
         return "\n".join(lines)
 
@@ -120,6 +108,7 @@ class Stage1Summary:
 def run_settings(config: PipelineConfig, model_path: str) -> dict[str, Any]:
     """Everything that changes the rows of a shard: it makes the run key."""
     s1 = config.stage1
+    templated = sorted(family for family, source in s1.step1_source.items() if source == "template")
     return {
         "model": s1.model,
         "weights": model_fingerprint(model_path),
@@ -129,6 +118,10 @@ def run_settings(config: PipelineConfig, model_path: str) -> dict[str, Any]:
         "cot_steps": s1.cot_steps,
         "seg_text_rule": prompts.SEG_TEXT_RULES[s1.cot_steps],
         "parser_version": parsing.PARSER_VERSION,
+        "conversation_format": s1.conversation_format,
+        "image_pad_to_square": s1.image_pad_to_square,
+        "step1_templated_families": templated,
+        "step1_templates": step1_templates.TEMPLATE_VERSION if templated else None,
         "embed_mode": s1.embed_mode,
         "max_embed_tokens": s1.max_embed_tokens,
         "max_new_tokens": s1.max_new_tokens,
@@ -152,11 +145,6 @@ def manifest_folder(run_dir: Path, spec: str) -> Path:
     return run_dir / spec.replace("/", "-")
 
 
-def read_manifest_rows(path: Path, limit: int = 0) -> pa.Table:
-    table = pq.read_table(path, columns=MANIFEST_COLUMNS).sort_by("sample_id")
-    return table.slice(0, limit) if limit > 0 else table
-
-
 def plan_shards(run_dir: Path, spec: str, manifest_path: Path, manifest: pa.Table, shard_size: int) -> list[ShardTask]:
     ids = manifest.column("sample_id").to_pylist()
     folder = manifest_folder(run_dir, spec)
@@ -164,141 +152,6 @@ def plan_shards(run_dir: Path, spec: str, manifest_path: Path, manifest: pa.Tabl
         ShardTask(spec, str(manifest_path), i, str(folder / shards.shard_name(i)), ids[start : start + shard_size])
         for i, start in enumerate(range(0, len(ids), shard_size))
     ]
-
-
-def gen_path(task: ShardTask) -> Path:
-    return Path(task.path).with_name(Path(task.path).name.replace(".parquet", GEN_SUFFIX))
-
-
-def gen_covers(task: ShardTask) -> bool:
-    """Whether the shard's gen file exists, reads, and holds a row for every sample id of the task."""
-    try:
-        table = pq.read_table(gen_path(task), columns=["sample_id"])
-    except (pa.ArrowInvalid, OSError):
-        return False
-    return set(task.sample_ids) <= set(table.column("sample_id").to_pylist())
-
-
-def _load_samples(rows: pa.Table, data_root: Path) -> list[Any]:
-    """Manifest rows -> engine Samples with decoded images (unreadable images become the row's error)."""
-    from shared.images import load_rgb
-    from shared.paths import resolve_inside
-    from stage1_reason.engine import Sample
-
-    samples = []
-    for row in rows.to_pylist():
-        image, error = None, None
-        try:
-            image = load_rgb(resolve_inside(data_root, row["image_path"]))
-        except ValueError as err:  # ImageLoadError, PathEscapeError
-            error = str(err)
-        except OSError as err:
-            error = f"{row['image_path']}: {err}"
-        samples.append(Sample(row["sample_id"], row["query"], row["query_kind"], image, error))
-    return samples
-
-
-def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: PipelineConfig) -> int:
-    """Phase 1 for one shard: both CoT turns, written atomically to the shard's gen file. Returns rows generated."""
-    from stage1_reason.engine import run_chain_of_thought
-
-    started = time.perf_counter()
-    samples = _load_samples(rows, config.data_root)
-    outputs = run_chain_of_thought(backend, samples, config.stage1.cot_steps, config.stage1.prompt_version)
-    seconds = time.perf_counter() - started
-    table = pa.Table.from_pylist(
-        [
-            {
-                "sample_id": out.key,
-                "reason_prompt": out.reason_question,
-                "reason_answer": out.reason_answer,
-                "seg_answer": out.target_attribute_answer,
-                "target": out.target,
-                "attributes": out.attributes,
-                "parse_status": out.parse_status,
-                "seg_text": out.seg_text,
-                "context_messages": json.dumps(out.context_messages),
-                "generated_tokens": out.generated_tokens,
-                "error": out.error,
-            }
-            for out in outputs
-        ],
-        schema=GEN_SCHEMA.with_metadata({"generate_seconds": f"{seconds:.3f}"}),
-    )
-    shards.write_table_atomic(table, gen_path(task))
-    return len(samples)
-
-
-def embed_shard(
-    task: ShardTask, rows: pa.Table, embedder: Any, config: PipelineConfig, metadata: dict[str, str], dim: int
-) -> dict[str, Any]:
-    """Phase 2 for one shard: embeddings for its gen rows, then the final shard and its done file. Returns its stats."""
-    from stage1_reason.embed import EmbedRequest
-
-    started = time.perf_counter()
-    generated = pq.read_table(gen_path(task))
-    generate_seconds = float((generated.schema.metadata or {}).get(b"generate_seconds", b"0"))
-    gen_rows = {row["sample_id"]: row for row in generated.to_pylist()}
-    manifest_rows = rows.to_pylist()
-    missing = [r["sample_id"] for r in manifest_rows if r["sample_id"] not in gen_rows]
-    if missing:
-        raise RuntimeError(f"{gen_path(task)}: generation output lacks {len(missing)} rows, e.g. {missing[:3]}")
-    samples = {s.key: s for s in _load_samples(rows, config.data_root)}
-    requests = []
-    for row in manifest_rows:
-        gen = gen_rows[row["sample_id"]]
-        sample = samples[row["sample_id"]]
-        error = gen["error"] or (f"image: {sample.image_error}" if sample.image_error else None)
-        requests.append(
-            EmbedRequest(row["sample_id"], json.loads(gen["context_messages"]), gen["seg_text"], sample.image, error)
-        )
-    results = embedder.embed(requests)
-    seg_prompt = prompts.prompt_set(config.stage1.prompt_version).target_attribute_prompt
-    records, embeddings = [], []
-    for row, result in zip(manifest_rows, results, strict=True):
-        gen = gen_rows[row["sample_id"]]
-        ok = result.ok
-        records.append(
-            {
-                "sample_id": row["sample_id"],
-                "dataset": row["dataset"],
-                "split": row["split"],
-                "query": row["query"],
-                "reason_prompt": gen["reason_prompt"],
-                "reason_answer": gen["reason_answer"],
-                "seg_prompt": seg_prompt if config.stage1.cot_steps > 1 else "",
-                "seg_answer": gen["seg_answer"],
-                "target": gen["target"],
-                "attributes": gen["attributes"],
-                "parse_status": gen["parse_status"],
-                "seg_text": gen["seg_text"],
-                "token_ids": result.token_ids.tolist() if ok else [],
-                "generated_tokens": gen["generated_tokens"],
-                "status": "ok" if ok else "error",
-                "error": None if ok else result.error,
-            }
-        )
-        embeddings.append(result.embedding if ok else None)
-    schema = shards.shard_schema(dim, metadata)
-    columns = {name: [rec[name] for rec in records] for name in schema.names if name != "embedding"}
-    arrays = [
-        shards.embeddings_to_arrow(embeddings, dim) if f.name == "embedding" else pa.array(columns[f.name], type=f.type)
-        for f in schema
-    ]
-    table = pa.Table.from_arrays(arrays, schema=schema)
-    stats = {
-        "manifest": task.manifest,
-        "shard": task.index,
-        "errors": sum(r["status"] == "error" for r in records),
-        "generated_tokens": int(sum(r["generated_tokens"] or 0 for r in records)),
-        "embedded_tokens": int(sum(len(r["token_ids"]) for r in records)),
-        "generate_seconds": round(generate_seconds, 3),
-        "embed_seconds": round(time.perf_counter() - started, 3),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    shards.write_shard(table, Path(task.path), stats)
-    gen_path(task).unlink(missing_ok=True)
-    return json.loads(shards.done_path(Path(task.path)).read_text())
 
 
 def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
@@ -309,6 +162,7 @@ def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
         s1.backend, model_path, max_new_tokens=s1.max_new_tokens, dtype=s1.dtype, max_model_len=s1.max_model_len,
         tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
         enforce_eager=s1.enforce_eager, trust_remote_code=s1.trust_remote_code, seed=s1.seed,
+        conversation_format=s1.conversation_format, pad_to_square=s1.image_pad_to_square,
     )
 
 
@@ -318,7 +172,8 @@ def make_embedder_for(config: PipelineConfig, model_path: str) -> Any:
     s1 = config.stage1
     kwargs: dict[str, Any] = dict(
         max_embed_tokens=s1.max_embed_tokens, max_model_len=s1.max_model_len, dtype=s1.dtype,
-        trust_remote_code=s1.trust_remote_code,
+        trust_remote_code=s1.trust_remote_code, conversation_format=s1.conversation_format,
+        pad_to_square=s1.image_pad_to_square,
     )
     if s1.backend == "vllm":
         kwargs.update(tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
@@ -361,6 +216,20 @@ def _rows_by_task(tasks: list[ShardTask], manifests: dict[str, pa.Table]) -> dic
     return out
 
 
+def check_engine_conventions(engine: Any, config: PipelineConfig, role: str) -> None:
+    """A passed-in engine must render prompts and images as the config says, or its rows would be mislabelled."""
+    if engine is None:
+        return
+    s1 = config.stage1
+    fmt = getattr(engine, "conversation_format", s1.conversation_format)
+    padded = getattr(engine, "pad_colour", None) is not None
+    if (fmt, padded) != (s1.conversation_format, s1.image_pad_to_square):
+        raise ValueError(
+            f"the {role} engine renders conversation_format {fmt!r} with pad_to_square {padded}, but the config says "
+            f"stage1.conversation_format={s1.conversation_format!r}, stage1.image_pad_to_square={s1.image_pad_to_square}"
+        )
+
+
 def run_stage1(
     config: PipelineConfig,
     manifests: list[tuple[str, Path]],
@@ -372,6 +241,8 @@ def run_stage1(
     not closed here. With ``stage1.use_ray`` the shards run on a Ray Data actor pool of ``stage1.replicas`` engines."""
     import pyarrow.compute  # noqa: F401  (pa.compute)
 
+    check_engine_conventions(backend, config, "generation")
+    check_engine_conventions(embedder, config, "embedding")
     started = time.perf_counter()
     model_path = resolve_model(config.stage1.model, config.work_dir)
     run_dir, key, settings = run_dir_for(config, model_path)
@@ -402,6 +273,7 @@ def run_stage1(
                 stats.errors += int(done.get("errors", 0))
                 stats.generated_tokens += int(done.get("generated_tokens", 0))
                 stats.embedded_tokens += int(done.get("embedded_tokens", 0))
+                stats.capped_rows += int(done.get("capped_rows", 0))
                 stats.generate_seconds += float(done.get("generate_seconds", 0.0))
                 stats.embed_seconds += float(done.get("embed_seconds", 0.0))
             else:
@@ -443,12 +315,14 @@ def run_stage1(
         m.errors += stats["errors"]
         m.generated_tokens += stats["generated_tokens"]
         m.embedded_tokens += stats["embedded_tokens"]
+        m.capped_rows += int(stats.get("capped_rows", 0))
         m.generate_seconds += float(stats.get("generate_seconds", 0.0))
         m.embed_seconds += float(stats.get("embed_seconds", 0.0))
     summary.embedded_samples = sum(s["rows"] for s in done_stats)
     summary.seconds = time.perf_counter() - started
     shards.write_json_atomic(run_dir / "summary.json", {
         "run_key": key, "new_rows": summary.new_rows, "reused_rows": summary.reused_rows, "errors": summary.errors,
+        "capped_rows": summary.capped_rows, "max_embed_tokens": config.stage1.max_embed_tokens,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
         "samples_per_s_in_generate_calls": summary.generation_rate(),  # every done shard, engine starts excluded
         "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),

@@ -95,6 +95,8 @@ def write_synthetic_shards(
             "parse_status": [None if bad else "ok" for bad in failed],
             "seg_text": [None if bad else row["query"] for bad, row in zip(failed, chunk)],
             "token_ids": [[] if bad else token_ids for bad, token_ids in zip(failed, ids)],
+            "seg_tokens": [None if bad else len(token_ids) for bad, token_ids in zip(failed, ids)],
+            "reason_source": [None if bad else "mllm" for bad in failed],
             "embedding": embeddings_to_arrow(embeddings, DIM),
             "generated_tokens": [0 for _ in chunk],
             "status": ["error" if bad else "ok" for bad in failed],

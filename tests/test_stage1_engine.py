@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from stage1_reason import prompts
+from stage1_reason.parsing import parse_merged_answer
 from stage1_reason.engine import Request, Result, Sample, TransformersBackend, VllmBackend, run_chain_of_thought
 
 
@@ -71,8 +73,40 @@ def test_cot_modes_one_and_two(vllm_generation_engine: VllmBackend, demo_samples
         assert (one.seg_text, one.parse_status, one.target_attribute_answer) == (three.reason_answer, "skipped", "")
         assert one.context_messages == prompts.reason_messages(three.reason_question)
         assert one.generated_tokens < three.generated_tokens
-        assert two.seg_text == three.target
-        assert two.target_attribute_answer == three.target_attribute_answer
+        # steps 1+2 (paper Table 3a): the step-2 target prompt alone, and the target parsed from its answer is embedded
+        assert two.reason_answer == three.reason_answer
+        assert two.context_messages == prompts.target_messages(three.reason_question, three.reason_answer)
+        assert two.context_messages[-1]["content"][0]["text"] == (
+            "Please analyze the conversation and identify the distinct physical objects or areas that the user wants "
+            "from the image."
+        )
+        assert (two.target, two.seg_text) == (parse_merged_answer(two.target_attribute_answer).target,) * 2
+
+
+def test_templated_step1_skips_the_first_turn(vllm_generation_engine: VllmBackend, demo_samples, vllm_outputs) -> None:
+    """Sec. 3.4: a simulated step 1 stands where the MLLM's would be; only the second turn is generated."""
+    image = demo_samples[0].image
+    calls: list[int] = []
+    counting = copy.copy(vllm_generation_engine)
+    counting.generate = lambda requests: calls.append(len(requests)) or vllm_generation_engine.generate(requests)
+    templated = Sample("ref/0", "the red circle", "phrase", image, None,
+                       "Where is the red circle in this image?", "It is the red circle.")
+    unreadable = Sample("ref/1", "the red circle", "phrase", None, "cannot identify image file 'y.jpg'",
+                        "Where is the red circle in this image?", "It is the red circle.")
+    outputs = run_chain_of_thought(counting, [templated, demo_samples[1], unreadable])
+    assert calls == [1, 3]  # turn 1 for the MLLM sample only; turn 2 for all (the unreadable one as an error request)
+    out, mllm, bad = outputs
+    assert (out.reason_question, out.reason_answer, out.reason_source) == (
+        "Where is the red circle in this image?", "It is the red circle.", "template"
+    )
+    assert out.context_messages == prompts.target_attribute_messages(
+        "Where is the red circle in this image?", "It is the red circle."
+    )
+    (again,) = vllm_generation_engine.generate([Request("again", out.context_messages, image)])
+    assert (out.generated_tokens, out.target_attribute_answer) == (again.num_tokens, again.text)  # turn 2's tokens only
+    assert out.seg_text == out.target_attribute_answer
+    assert (mllm.reason_source, mllm.target_attribute_answer) == ("mllm", vllm_outputs[1].target_attribute_answer)
+    assert bad.error == "step 2: image: cannot identify image file 'y.jpg'" and bad.reason_source == "template"
 
 
 def test_bad_rows_become_errors_and_the_rest_proceed(vllm_generation_engine: VllmBackend, demo_samples, vllm_outputs):

@@ -90,3 +90,33 @@ def test_seg_text_with_a_missing_part() -> None:
     assert prompts.seg_text(3, "answer", "the fire", "") == "the fire"
     assert prompts.seg_text(3, "answer", "", "bright orange") == "bright orange"
     assert prompts.seg_text(2, "answer", "", "bright orange") == ""
+
+
+V2_BLOCK = "Here is the conversation:\nThe question is: {q}\nThe answer is: {a}\n"
+
+
+def test_version_v2_is_section_3_2_word_for_word() -> None:
+    question = prompts.reason_question("the fire", "phrase", "v2")
+    assert question == "What is the object or part that is the fire in this image?"
+    answer = "It is fire in the fire pit."
+    target = prompts.target_messages(question, f" {answer} ", "v2")
+    assert target[-1] == {"role": "user", "content": [{"type": "text", "text": V2_BLOCK.format(q=question, a=answer) + (
+        "Please analyze the conversation and identify the distinct physical objects or areas that the user wants from "
+        "the image."
+    )}]}
+    merged = prompts.target_attribute_messages(question, answer, "v2")
+    assert merged[-1]["content"][0]["text"] == V2_BLOCK.format(q=question, a=answer) + (
+        "Follow these guidelines strictly: (1) Please analyze the conversation and identify the distinct physical "
+        "objects or areas that the user wants from the image. (2) Briefly describe the target entity or part's visual "
+        "attributes that can discriminate them from the image. Each visual attribute can be color, shape, and relative "
+        "position to other objects in the image."
+    )
+    assert merged[:2] == target[:2] == prompts.reason_messages(question) + [
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    ]
+    assert prompts.second_turn_prompt(merged) == merged[-1]["content"][0]["text"]
+
+
+def test_v1_second_turns_keep_their_wording() -> None:
+    merged = prompts.target_attribute_messages("Q?", "It is {braces} kept.", "v1")
+    assert merged[-1]["content"][0]["text"] == MERGED and merged[1]["content"][0]["text"] == "It is {braces} kept."

@@ -22,6 +22,14 @@ from shared.schema import MANIFEST_SCHEMA
 from conftest import TINY_MAX_EMBED_TOKENS, TINY_MAX_NEW_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
+ROWS = 15  # 6 train images x 1-2 queries (11) + 4 val images x first query
+
+
+def toml_value(value: object) -> str:
+    """A TOML literal: JSON for scalars and lists, an inline table for dicts."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 def write_config(folder: Path, data_root: Path, work_dir: Path, **stage1: object) -> Path:
@@ -30,7 +38,7 @@ def write_config(folder: Path, data_root: Path, work_dir: Path, **stage1: object
     lines = [
         "[paths]", f'data_root = "{data_root}"', f'work_dir = "{work_dir}"',
         "[data]", "demo_train_images = 6", "demo_val_images = 4",
-        "[stage1]", *(f"{k} = {json.dumps(v)}" for k, v in settings.items()),
+        "[stage1]", *(f"{k} = {toml_value(v)}" for k, v in settings.items()),
     ]
     path = folder / "pipeline.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -79,11 +87,11 @@ def test_every_manifest_row_once_with_embeddings_and_provenance(demo_setup, refe
     _, _, manifests = demo_setup
     config, summary = reference_run
     expected_ids = sorted(sid for _, path in manifests for sid in pq.read_table(path).column("sample_id").to_pylist())
-    assert len(expected_ids) == 16  # 6 train images x 2 queries + 4 val images x first query
+    assert len(expected_ids) == ROWS
     rows = all_rows(summary.run_dir, summary.run_key)
     assert rows.column("sample_id").to_pylist() == expected_ids
-    assert summary.new_rows == 16 and summary.reused_rows == 0 and summary.generated_samples == 16
-    assert rows.column("status").to_pylist() == ["ok"] * 16
+    assert summary.new_rows == ROWS and summary.reused_rows == 0 and summary.generated_samples == ROWS
+    assert rows.column("status").to_pylist() == ["ok"] * ROWS
     assert rows.schema.field("embedding").type == pa.list_(pa.list_(pa.float16(), 128))
     for i in range(rows.num_rows):
         emb = shards.embedding_from_arrow(rows.column("embedding"), i)
@@ -94,6 +102,17 @@ def test_every_manifest_row_once_with_embeddings_and_provenance(demo_setup, refe
     for name in ("reason_prompt", "reason_answer", "seg_answer", "seg_text", "seg_prompt"):
         assert all(rows.column(name).to_pylist()), name
     assert rows.column("seg_prompt")[0].as_py().startswith("Follow these guidelines strictly")
+    assert rows.column("reason_source").to_pylist() == ["mllm"] * ROWS
+    # the cap: token_ids keep the first max_embed_tokens of seg_tokens; rows over it are counted everywhere
+    seg_tokens = rows.column("seg_tokens").to_pylist()
+    assert [len(ids) for ids in rows.column("token_ids").to_pylist()] == [min(n, TINY_MAX_EMBED_TOKENS) for n in seg_tokens]
+    capped = sum(n > TINY_MAX_EMBED_TOKENS for n in seg_tokens)
+    assert 0 < capped < ROWS  # the demo's merged answers straddle the test cap of 16 tokens
+    assert summary.capped_rows == capped
+    assert f"{capped} rows cut at max_embed_tokens" in summary.describe()
+    written = json.loads((summary.run_dir / "summary.json").read_text())
+    assert (written["capped_rows"], written["max_embed_tokens"]) == (capped, TINY_MAX_EMBED_TOKENS)
+    assert sum(m["capped_rows"] for m in written["per_manifest"].values()) == capped
     meta = pq.read_schema(next(summary.run_dir.glob("reasonseg-val/00000.parquet"))).metadata
     meta = {k.decode(): v.decode() for k, v in meta.items()}
     assert meta["llavaseg.run_key"] == summary.run_key
@@ -115,21 +134,25 @@ def test_unchanged_config_reuses_shards_without_generation(demo_setup, reference
     again = run_stage1(config, manifests, backend=vllm_generation_engine, embedder=vllm_pooling_engine)
     assert again.run_key == first.run_key
     assert again.generated_samples == 0 and again.embedded_samples == 0
-    assert again.new_rows == 0 and again.reused_rows == 16
+    assert again.new_rows == 0 and again.reused_rows == ROWS
     assert {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*.parquet")} == before
-    assert "stage 1: 0 new samples, 16 reused" in again.describe()
+    assert f"stage 1: 0 new samples, {ROWS} reused" in again.describe()
+    assert again.capped_rows == first.capped_rows  # counted from the done files of reused shards
 
 
-def test_run_key_changes_with_what_changes_rows(demo_setup, tiny_llava_dir, monkeypatch):
-    from stage1_reason import prompts
+def test_run_key_changes_with_what_changes_rows(demo_setup, tiny_llava_dir):
     from stage1_reason.run import run_dir_for
 
     root, data_root, _ = demo_setup
     base = make_config(root, data_root, "work-keys", tiny_llava_dir)
     key = run_dir_for(base, str(tiny_llava_dir))[1]
     assert key == run_dir_for(make_config(root, data_root, "work-keys", tiny_llava_dir), str(tiny_llava_dir))[1]
-    monkeypatch.setitem(prompts.PROMPTS, "v2", prompts.PromptSet("Where is {query}?", "Name it, then describe it."))
-    for change in ({"prompt_version": "v2"}, {"embed_mode": "input"}, {"cot_steps": 2}, {"max_new_tokens": 8}):
+    changes = (
+        {"prompt_version": "v2"}, {"embed_mode": "input"}, {"cot_steps": 2}, {"max_new_tokens": 8},
+        {"max_embed_tokens": 32}, {"conversation_format": "llava_v1"}, {"image_pad_to_square": True},
+        {"step1_source": {"referring": "template"}},
+    )
+    for change in changes:
         assert run_dir_for(make_config(root, data_root, "work-keys", tiny_llava_dir, **change), str(tiny_llava_dir))[1] != key
     other_model = root / "other-model"
     if not other_model.exists():
@@ -173,13 +196,14 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(demo_setup, reference_r
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
     done_before = list(run_dir.rglob("*.done.json"))
-    all_shards = 4  # 16 rows / shard_size 4
+    all_shards = 4  # train: 11 rows in shards of 4, 4, 3; val: 4 rows in one shard
     assert 1 <= len(done_before) < all_shards, log_path.read_text()[-3000:]
 
     resumed = run_stage1(config, manifests, backend=vllm_generation_engine, embedder=vllm_pooling_engine)
     _, reference = reference_run
     assert resumed.run_key == reference.run_key
-    assert resumed.reused_rows == 4 * len(done_before) and resumed.new_rows == 16 - resumed.reused_rows
+    rows_done = sum(json.loads(path.read_text())["rows"] for path in done_before)
+    assert resumed.reused_rows == rows_done and resumed.new_rows == ROWS - resumed.reused_rows
     got, expected = all_rows(resumed.run_dir, resumed.run_key), all_rows(reference.run_dir, reference.run_key)
     assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()  # no duplicates, none lost
     for name in ("reason_answer", "seg_answer", "target", "attributes", "seg_text", "token_ids", "status"):
@@ -226,6 +250,41 @@ def test_bad_rows_become_error_rows(tmp_path, demo_setup, tiny_llava_dir, vllm_g
         assert by_id[sid]["status"] == "error" and by_id[sid]["token_ids"] == [] and by_id[sid]["embedding"] == []
 
 
+def test_templated_step1_rows(demo_setup, tiny_llava_dir, vllm_generation_engine, vllm_pooling_engine):
+    """step1_source: a family sent to templates gets the template pair of each sample's id, and no step-1 generation."""
+    from stage1_reason.run import run_stage1
+    from stage1_reason.step1_templates import simulated_step1
+
+    root, data_root, manifests = demo_setup
+    config = make_config(root, data_root, "work-templated", tiny_llava_dir, step1_source={"reasoning": "template"})
+    summary = run_stage1(config, manifests[:1], backend=vllm_generation_engine, embedder=vllm_pooling_engine)
+    rows = all_rows(summary.run_dir, summary.run_key).to_pylist()
+    manifest = {r["sample_id"]: r for r in pq.read_table(manifests[0][1]).to_pylist()}
+    assert len(rows) == len(manifest) and {r["status"] for r in rows} == {"ok"}
+    sources = []
+    for row in rows:
+        source = manifest[row["sample_id"]]
+        step1 = simulated_step1(row["sample_id"], source["query"], source["query_kind"], seed=0)
+        sources.append(row["reason_source"])
+        if step1 is None:  # a sentence or question query: the MLLM reasons
+            assert row["reason_source"] == "mllm" and row["reason_prompt"] == source["query"]
+            continue
+        assert (row["reason_prompt"], row["reason_answer"], row["reason_source"]) == (
+            step1.question, step1.answer, "template"
+        )
+        assert 0 < row["generated_tokens"] <= TINY_MAX_NEW_TOKENS  # the second turn only
+    assert sources.count("template") == sum(r["query_kind"] != "sentence" for r in manifest.values()) > 0
+
+
+def test_passed_engines_must_render_as_the_config_says(demo_setup, tiny_llava_dir, vllm_generation_engine):
+    from stage1_reason.run import run_stage1
+
+    root, data_root, manifests = demo_setup
+    config = make_config(root, data_root, "work-mismatch", tiny_llava_dir, conversation_format="llava_v1")
+    with pytest.raises(ValueError, match="generation engine renders conversation_format 'chat_template'"):
+        run_stage1(config, manifests, backend=vllm_generation_engine)
+
+
 def test_ray_data_actor_pool_gives_the_same_shards(demo_setup, reference_run, tiny_llava_dir, ray_cluster):
     """stage1.use_ray: one CPU replica on the local Ray cluster writes the same exactly-once shards as the local path."""
     from stage1_reason.run import run_stage1
@@ -235,10 +294,10 @@ def test_ray_data_actor_pool_gives_the_same_shards(demo_setup, reference_run, ti
     summary = run_stage1(config, manifests)
     _, reference = reference_run
     assert summary.run_key == reference.run_key
-    assert summary.new_rows == 16 and summary.generated_samples == 16
+    assert summary.new_rows == ROWS and summary.generated_samples == ROWS
     got, expected = all_rows(summary.run_dir, summary.run_key), all_rows(reference.run_dir, reference.run_key)
     assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()
     for name in ("reason_answer", "seg_answer", "seg_text", "token_ids", "status"):
         assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
     again = run_stage1(config, manifests)
-    assert again.generated_samples == 0 and again.reused_rows == 16
+    assert again.generated_samples == 0 and again.reused_rows == ROWS

@@ -52,18 +52,21 @@ class PlainProgress:
     """tqdm's small API (iteration, update, set_postfix, close, context manager) as plain periodic lines."""
 
     def __init__(self, iterable: Iterable | None, desc: str, total: int | None, unit: str, stream: TextIO,
-                 every_s: float = PLAIN_EVERY_S) -> None:  # fmt: skip
+                 every_s: float = PLAIN_EVERY_S, initial: int = 0) -> None:  # fmt: skip
         self.iterable, self.desc, self.unit, self.stream, self.every_s = iterable, desc, unit, stream, every_s
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
-        self.total, self.n, self.postfix = total, 0, ""
+        self.total, self.n, self.initial, self.postfix = total, initial, initial, ""
         self.started = self.last = time.monotonic()
         self.closed = False
 
     def _line(self, state: str = "") -> None:
         elapsed = time.monotonic() - self.started
         count = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
-        rate = f", {self.n / elapsed:.2f} {self.unit}/s" if elapsed > 0 and self.n else ""
+        speed = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        rate = f", {speed:.2f} {self.unit}/s" if speed else ""
+        if speed and self.total is not None and self.n < self.total and not state:
+            rate += f", ETA {(self.total - self.n) / speed:.0f}s"
         extra = f", {self.postfix}" if self.postfix else ""
         label = f" {state}" if state else ""
         print(f"{self.desc}: {count} {self.unit}{label} ({elapsed:.0f}s{rate}{extra})", file=self.stream, flush=True)
@@ -111,10 +114,12 @@ def progress(iterable: Iterable | None = None, *, desc: str = "", total: int | N
              disable: bool = False, **tqdm_kwargs: Any) -> Any:  # fmt: skip
     """A progress bar over ``iterable`` on the console: tqdm on a terminal, plain periodic lines elsewhere."""
     stream = console_err()
+    initial = int(tqdm_kwargs.pop("initial", 0))
     if disable or _quiet:
-        return _Silent(iterable, desc, total, unit, stream)
+        return _Silent(iterable, desc, total, unit, stream, initial=initial)
     if _is_terminal(stream):
         from tqdm import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, unit=unit, file=stream, dynamic_ncols=True, **tqdm_kwargs)
-    return PlainProgress(iterable, desc, total, unit, stream)
+        return tqdm(iterable, desc=desc, total=total, unit=unit, file=stream, dynamic_ncols=True, initial=initial,
+                    **tqdm_kwargs)  # fmt: skip
+    return PlainProgress(iterable, desc, total, unit, stream, initial=initial)

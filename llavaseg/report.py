@@ -42,7 +42,9 @@ PAPER_TABLE_1 = [
     ("LLaVASeg-7B", 54.8, 49.9, None, None),
     ("LISA-13B (explain)", 57.3, 60.7, 0.290, 0.107),
 ]
-_STAGE1_COLUMNS = ("rows", "shards", "new_rows", "reused_rows", "errors", "generated_tokens", "embedded_tokens")
+_STAGE1_COLUMNS = ("rows", "shards", "new_rows", "reused_rows", "errors", "capped_rows", "generated_tokens",
+                   "embedded_tokens")
+_STAGE1_CAP_KEYS = ("capped_rows", "max_embed_tokens")  # shown as one row: "rows cut at max_embed_tokens"
 _SCORE_KEYS = ("gIoU", "cIoU", "count", "failed")
 
 CSS = """
@@ -335,10 +337,19 @@ def _stage1_section(page: _Page, stage1: Mapping[str, Any]) -> None:
         return
     seconds, generated = stage1.get("seconds"), stage1.get("generated_samples")
     rows = [[k.replace("_", " "), str(v) if isinstance(v, str) else _integer(v) if isinstance(v, int) else f"{v:.2f}"]
-            for k, v in _scalar_items(stage1)]  # fmt: skip
+            for k, v in _scalar_items(stage1) if k not in _STAGE1_CAP_KEYS]  # fmt: skip
     if _is_number(seconds) and _is_number(generated) and seconds > 0 and generated > 0:
         rows.append(["generation throughput", f"{generated / seconds:.2f} samples/s"])  # this call, wall clock
+    capped, cap = stage1.get("capped_rows"), stage1.get("max_embed_tokens")
+    total = sum(v for v in (stage1.get("new_rows"), stage1.get("reused_rows")) if _is_number(v))
+    if _is_number(capped):
+        share = f" ({100 * capped / total:.1f}%)" if total else ""
+        rows.append(["rows cut at max_embed_tokens", f"{_integer(capped)} of {_integer(total)}{share}"
+                     + (f", cap {_integer(cap)} tokens" if _is_number(cap) else "")])  # fmt: skip
     page.table(["", "value"], rows)
+    if _is_number(capped) and capped > 0:
+        page.paragraph(f"{_integer(capped)} rows had a seg_text longer than stage1.max_embed_tokens; only its first "
+                       "tokens were embedded, so trailing attributes were cut (shards: seg_tokens).", "muted")
     per_manifest = stage1.get("per_manifest") or {}
     if per_manifest:
         keys = [k for k in _STAGE1_COLUMNS if any(k in s for s in per_manifest.values())]

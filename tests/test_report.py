@@ -57,9 +57,10 @@ def report_inputs(tmp_path_factory: pytest.TempPathFactory, draw_demo) -> dict:
         },  # fmt: skip
         "stage1": {
             "run_key": "tiny-llava-1a2b3c4d5e6f", "new_rows": 210, "reused_rows": 0, "errors": 2,
-            "generated_samples": 210, "seconds": 42.0,
+            "generated_samples": 210, "seconds": 42.0, "capped_rows": 21, "max_embed_tokens": 64,
             "per_manifest": {"reasonseg/val": {"rows": 200, "shards": 2, "new_rows": 200, "reused_rows": 0,
-                                               "errors": 2, "generated_tokens": 24000, "embedded_tokens": 3100}},
+                                               "errors": 2, "capped_rows": 20, "generated_tokens": 24000,
+                                               "embedded_tokens": 3100}},
         },  # fmt: skip
         "loss_curve": [{"step": s, "loss": 1.8 * math.exp(-s / 300) + 0.2, "lr": 1e-4 * (1 - s / 1200)}
                        for s in range(0, 1200, 20)],  # fmt: skip
@@ -84,9 +85,18 @@ def test_markdown_holds_the_numbers(written_report: tuple[Path, Path]) -> None:
     assert "| LLaVASeg-13B | 59.1 | 52.8 | 0.393 | 0.796 |" in md  # the paper's row beside ours
     assert "| 0.401 | 0.812 | 200 |" in md
     assert "| run key | tiny-llava-1a2b3c4d5e6f |" in md and "| generation throughput | 5.00 samples/s |" in md
-    assert "| reasonseg/val | 200 | 2 | 200 | 0 | 2 | 24,000 | 3,100 |" in md
+    assert "| reasonseg/val | 200 | 2 | 200 | 0 | 2 | 20 | 24,000 | 3,100 |" in md
     assert "60 logged steps; loss 2.0000 at step 0 → 0.2352 at step 1180." in md
     assert "> **Note:** smoke run: tiny random models; numbers say nothing about the method" in md
+
+
+def test_rows_cut_at_the_embedding_cap_are_reported(written_report: tuple[Path, Path]) -> None:
+    md = written_report[0].read_text()
+    assert r"| rows cut at max\_embed\_tokens | 21 of 210 (10.0%), cap 64 tokens |" in md
+    assert "| capped rows | 21 |" not in md and "| max embed tokens | 64 |" not in md  # one row, not the raw keys
+    assert r"21 rows had a seg\_text longer than stage1.max\_embed\_tokens" in md
+    assert "| manifest | rows | shards | new rows | reused rows | errors | capped rows |" in md
+    assert "| reasonseg/val | 200 | 2 | 200 | 0 | 2 | 20 |" in md
 
 
 def test_every_link_is_relative_and_inside_the_folder(written_report: tuple[Path, Path]) -> None:

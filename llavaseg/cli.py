@@ -68,10 +68,32 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
     config = _load(args, check_paths=False)
     root = Path(args.root).resolve() if args.root else config.data_root
+    if args.dataset == "table":
+        return _manifest_table(args, config, root)
+    if args.split is None:
+        raise ValueError(f"manifest {args.dataset}: --split is required")
     out = Path(args.out) if args.out else config.work_dir / "manifests" / manifest_filename(args.dataset, args.split)
     result = build_manifest(args.dataset, root, args.split, out)
     echo(result.summary())
     echo(f"manifest written to {result.path}")
+    return 0
+
+
+def _manifest_table(args: argparse.Namespace, config: PipelineConfig, root: Path) -> int:
+    from manifests.table import INFERENCE_SPLIT, build_table_manifest, dataset_name
+
+    if not args.input:
+        raise ValueError("manifest table: --input FILE (CSV, JSONL, Parquet) or --input FOLDER --query Q is required")
+    if args.split not in (None, INFERENCE_SPLIT):
+        raise ValueError(f"manifest table: the split is always {INFERENCE_SPLIT!r}, got --split {args.split}")
+    source = Path(args.input)
+    name = args.name or dataset_name(source)
+    out = Path(args.out) if args.out else config.work_dir / "manifests" / f"{name}-{INFERENCE_SPLIT}.parquet"
+    built = build_table_manifest(source, root, out, args.query, name)
+    for row in built.rejected:
+        echo(f"rejected: {row.message}", err=True)
+    echo(built.summary())
+    echo(f"manifest written to {built.result.path}")
     return 0
 
 
@@ -196,9 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
 
     p = command("manifest", "build one dataset's manifest Parquet from its on-disk format")
-    p.add_argument("dataset", help="reasonseg, refcoco, refcoco+, refcocog, refclef, ade20k, cocostuff, paco_lvis, pascal_part")
-    p.add_argument("--root", default=None, help="data root in LISA's layout (default: [paths].data_root)")
-    p.add_argument("--split", required=True, help="train, val, test, testA, ... as the dataset has them")
+    p.add_argument("dataset", help="reasonseg, refcoco, refcoco+, refcocog, refclef, ade20k, cocostuff, paco_lvis, "
+                   "pascal_part; or table: your own images and queries (--input), no masks, split 'inference'")
+    p.add_argument("--root", default=None, help="data root in LISA's layout, or the folder your table's image paths "
+                   "are under (default: [paths].data_root)")
+    p.add_argument("--split", default=None, help="train, val, test, testA, ... as the dataset has them (required, "
+                   "except for table)")
+    p.add_argument("--input", default=None, help="table: a CSV, JSONL or Parquet file with columns image, query "
+                   "(optional id, query_kind), or a folder of images with --query")
+    p.add_argument("--query", default=None, help="table: the query for every image of an --input folder")
+    p.add_argument("--name", default=None, help="table: the manifest's dataset name (default: from the input's name)")
     p.add_argument("--out", default=None, help="output Parquet (default: <work_dir>/manifests/<dataset>-<split>.parquet)")
     _add_config_args(p)
     p.set_defaults(func=cmd_manifest)

@@ -112,17 +112,22 @@ class ManifestBuilder:
         width: int,
         source: str,
         reference_answer: str | None = None,
+        sample_id: str | None = None,
     ) -> str:
         """Validate and add one row; returns its ``sample_id``.
 
         ``source`` says where the row came from (a file, and a key inside it) and appears in error messages.
+        ``sample_id`` replaces the default ``make_sample_id(dataset, split, image_id, query_index)`` (user-given ids).
 
         Raises:
             ManifestRowError: a field breaks the schema (bad query_kind/family, empty query, non-positive size...).
             DuplicateSampleIdError: naming the id and both sources.
         """
-        sample_id = make_sample_id(self.dataset, self.split, str(image_id), query_index)
+        if sample_id is None:
+            sample_id = make_sample_id(self.dataset, self.split, str(image_id), query_index)
         problems = []
+        if not isinstance(sample_id, str) or not sample_id.strip():
+            problems.append(f"sample_id must be a non-empty string, got {sample_id!r}")
         if query_kind not in QUERY_KINDS:
             problems.append(f"query_kind {query_kind!r} not in {QUERY_KINDS}")
         if family not in FAMILIES:

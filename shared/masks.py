@@ -8,6 +8,8 @@ image's original size. The kinds, by key ``"type"``:
 - ``{"type": "coco", "segmentations": [...]}``: the union of COCO segmentations, polygons or RLE (``coco_mask``).
 - ``{"type": "label_png", "path": str, "class_values": [int], "ignore_values": [int]}``: a single-channel label PNG
   (path relative to the data root) whose raw values select the target and the ignore region (``label_png_mask``).
+- ``{"type": "none"}``: no ground truth (a manifest of the user's own images for inference, ``manifests.table``);
+  ``rasterize`` refuses it with ``NoGroundTruthError``, so such a sample can be inferred but never scored.
 
 Every malformed reference raises ``MaskError`` saying what is wrong and where (shape or segmentation index).
 """
@@ -31,7 +33,8 @@ from shared.paths import PathEscapeError, resolve_inside
 
 TARGET_VALUE = 1
 IGNORE_VALUE = 255
-MASK_KINDS = ("reasonseg", "coco", "label_png")
+MASK_KINDS = ("reasonseg", "coco", "label_png", "none")
+NO_GROUND_TRUTH = '{"type":"none"}'  # the mask column of an inference manifest
 LABEL_PNG_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
 INT32_LIMIT = 2**31 - 1
 COCO_COORDINATE_LIMIT = 1e6  # pycocotools allocates per pixel of polygon perimeter: keep absurd coordinates out
@@ -39,6 +42,10 @@ COCO_COORDINATE_LIMIT = 1e6  # pycocotools allocates per pixel of polygon perime
 
 class MaskError(ValueError):
     """A mask reference that cannot be rasterised: bad structure, unknown kind, or a file that does not fit."""
+
+
+class NoGroundTruthError(MaskError):
+    """The sample has no ground truth (``{"type": "none"}``): it comes from an inference manifest."""
 
 
 def mask_ref_json(kind_dict: dict[str, Any]) -> str:
@@ -271,6 +278,11 @@ def rasterize(mask_ref: str | dict, height: int, width: int, data_root: Path) ->
         raise MaskError(f"mask size {height!r}x{width!r} must be positive integers")
     height, width = int(height), int(width)
     kind = reference.get("type")
+    if kind == "none":
+        raise NoGroundTruthError(
+            "no ground-truth mask (mask type 'none'): this sample comes from an inference manifest of unlabelled "
+            "images; run `llavaseg infer --input` on it, it cannot be evaluated or trained on"
+        )
     if kind == "reasonseg":
         mask = reasonseg_mask(reference, height, width)
     elif kind == "coco":

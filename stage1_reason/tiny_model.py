@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-llava"
 TINY_MODELS = {"tiny-llava": "llava", "tiny-llava-next": "llava_next"}  # name -> architecture
+# The trained mini LLaVA of the demo world, committed with the code (see weights/README.md).
+MINI_MODELS = {"mini-llava": Path(__file__).resolve().parents[1] / "weights" / "mini-llava"}
 ARCHITECTURES = ("llava", "llava_next")
 COMPLETE_MARKER = "tiny_llava.complete.json"
 TINY_MODEL_FORMAT = 3  # bump when the recipe changes so cached copies are rebuilt
@@ -369,7 +371,8 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model(name_or_path: str, work_dir: Path) -> str:
     """Map the configured model to what the engines load.
 
-    ``"tiny-llava"`` / ``"tiny-llava-next"`` -> built (or reused) under ``work_dir/models/<name>``; an existing local
+    ``"tiny-llava"`` / ``"tiny-llava-next"`` -> built (or reused) under ``work_dir/models/<name>``; ``"mini-llava"`` ->
+    the committed trained weights under ``weights/mini-llava``; an existing local
     folder -> its absolute path; something path-like that does not exist -> FileNotFoundError; otherwise a hub id
     ("org/name"), returned unchanged for the local Hugging Face cache to serve.
     """
@@ -378,6 +381,10 @@ def resolve_model(name_or_path: str, work_dir: Path) -> str:
         raise ValueError("stage1.model is empty: give 'tiny-llava', a local model folder or a hub id like 'org/name'")
     if name in TINY_MODELS:
         return str(build_tiny_llava(Path(work_dir) / "models" / name, architecture=TINY_MODELS[name]))
+    if name in MINI_MODELS:
+        if not (MINI_MODELS[name] / "config.json").is_file():
+            raise FileNotFoundError(f"stage1.model {name!r}: the committed weights are missing at {MINI_MODELS[name]}")
+        return str(MINI_MODELS[name])
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())

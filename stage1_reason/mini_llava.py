@@ -1,0 +1,249 @@
+"""Train the mini LLaVA on the demo world and write it as a complete Hugging Face model folder.
+
+Two phases, deterministic for a seed (same seed and thread count -> the same weights on the same machine):
+
+1. **Vision alignment** (``VISION_STEPS``): the CLIP tower learns, from the second-to-last layer LLaVA reads, the colour
+   and shape of the object under each image patch (two linear heads, dropped afterwards). Cheap: no decoder pass.
+2. **Instruction tuning** (``STEPS``): the whole LLaVA (tower, projector, decoder) on the world's chain-of-thought
+   conversations (``mini_llava_data``), teacher forcing, loss on the assistant's tokens only. Every batch holds one
+   task (step 1, merged steps 2+3, step 2 alone) so that sequences of a batch have similar lengths.
+
+Every example is a fresh train-split scene of ``data.demo_seed`` 0; val and test scenes are never seen. The summary
+(returned, and written to ``mini_llava.json`` in the folder) holds the losses of every logged step and the
+teacher-forced loss and token accuracy on val conversations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
+
+from manifests.demo import render_scene
+from manifests.demo_text import queries
+from stage1_reason import prompts
+from stage1_reason.mini_llava_data import (
+    COLOUR_CLASSES,
+    IGNORE,
+    SHAPE_CLASSES,
+    TASK_WEIGHTS,
+    TASKS,
+    collate,
+    conversation,
+    patch_labels,
+    random_conversation,
+)
+from stage1_reason.mini_llava_model import make_config, make_processor, new_model, save_model, tokenizer_corpus, \
+    train_tokenizer  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+MINI_LLAVA_FORMAT = 1
+SUMMARY_NAME = "mini_llava.json"
+STEPS = 300
+BATCH = 8
+VISION_STEPS = 40
+VISION_BATCH = 24
+LR = 2e-3
+VISION_LR = 2e-3
+WARMUP = 30
+LOG_EVERY = 10
+VAL_CONVERSATIONS = 36
+VISION_SCENE_OFFSET = 1_000_000  # vision-phase scenes: train split, indices far from the instruction-tuning ones
+
+
+def _log_every(steps: int) -> int:
+    """Mean loss every LOG_EVERY steps; every step in short runs."""
+    return LOG_EVERY if steps >= 2 * LOG_EVERY else 1
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    if step < WARMUP:
+        return peak * (step + 1) / WARMUP
+    progress = (step - WARMUP) / max(1, total - WARMUP)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _vision_phase(model: Any, processor: Any, steps: int, progress: bool) -> list[dict]:
+    """Patch-level colour and shape classification on the tower's feature layer; returns the logged losses."""
+    tower = model.model.vision_tower
+    width = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({
+        "colour": torch.nn.Linear(width, len(COLOUR_CLASSES)), "shape": torch.nn.Linear(width, len(SHAPE_CLASSES)),
+    })  # fmt: skip
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=VISION_LR, weight_decay=0.01)
+    layer = model.config.vision_feature_layer
+    logged, window = [], []
+    for step in tqdm(range(steps), desc="mini-llava vision", unit="step", disable=not progress):
+        samples = [render_scene("train", VISION_SCENE_OFFSET + step * VISION_BATCH + i, 0) for i in range(VISION_BATCH)]
+        pixels = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
+        labels = [patch_labels(s) for s in samples]
+        colours = torch.from_numpy(np.stack([c for c, _ in labels])).flatten()
+        shapes = torch.from_numpy(np.stack([s for _, s in labels])).flatten()
+        features = tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]  # BxNxC, CLS dropped
+        features = features.reshape(-1, width)
+        loss = torch.nn.functional.cross_entropy(heads["colour"](features), colours) + \
+            torch.nn.functional.cross_entropy(heads["shape"](features), shapes)  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, VISION_LR)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % _log_every(steps) == 0 or step + 1 == steps:
+            logged.append({"step": step + 1, "loss": round(sum(window) / len(window), 5)})
+            window = []
+    return logged
+
+
+def _val_batches(processor: Any, prompt_versions: list[str]) -> list[dict]:
+    """Fixed val conversations (every task, the first query of each scene), batched by task."""
+    batches = []
+    for task in TASKS:
+        convos = []
+        for index in range(VAL_CONVERSATIONS // len(TASKS)):
+            sample = render_scene("val", index, 0)
+            query, explanation = (queries(sample.scene, True) + queries(sample.scene, False))[0]
+            convos.append(conversation(sample, query, explanation, task, prompt_versions[index % len(prompt_versions)]))
+        batches.append(collate(processor, convos))
+    return batches
+
+
+@torch.no_grad()
+def _val_figures(model: Any, batches: list[dict]) -> dict:
+    """Teacher-forced loss and next-token accuracy over the val conversations' assistant tokens."""
+    model.eval()
+    total_loss = correct = count = 0.0
+    for batch in batches:
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        loss = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum")
+        total_loss += loss.item()
+        correct += (logits.argmax(-1)[mask] == labels[mask]).sum().item()
+        count += mask.sum().item()
+    model.train()
+    return {"val_loss": round(total_loss / count, 5), "val_token_accuracy": round(correct / count, 5)}
+
+
+def _train_phase(model: Any, processor: Any, steps: int, batch_size: int, seed: int, progress: bool,
+                 prompt_versions: list[str], val_batches: list[dict]) -> tuple[list[dict], dict]:  # fmt: skip
+    rng = random.Random(f"mini-llava-{seed}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
+    before = _val_figures(model, val_batches)
+    logged, window = [], []
+    model.train()
+    for step in tqdm(range(steps), desc="mini-llava train", unit="step", disable=not progress):
+        task = rng.choices(TASKS, weights=TASK_WEIGHTS)[0]
+        convos = [random_conversation(rng, step * batch_size + i, 0, prompt_versions, task) for i in range(batch_size)]
+        batch = collate(processor, convos)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, LR)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % _log_every(steps) == 0 or step + 1 == steps:
+            logged.append({"step": step + 1, "loss": round(sum(window) / len(window), 5)})
+            logger.debug("mini-llava step %d: loss %.4f", step + 1, logged[-1]["loss"])
+            window = []
+    after = _val_figures(model, val_batches)
+    return logged, {"before": before, "after": after}
+
+
+def training_prompt_versions() -> list[str]:
+    """Every prompt version in ``prompts.PROMPTS``: the model learns to answer each of them."""
+    return sorted(prompts.PROMPTS)
+
+
+def build_mini_llava(
+    out_dir: Path, *, seed: int = 0, steps: int | None = None, progress: bool = True, batch_size: int = BATCH
+) -> dict:
+    """Train the mini LLaVA (``steps`` instruction-tuning steps of ``batch_size`` conversations, default ``STEPS`` x
+    ``BATCH``; the vision phase scales with ``steps``) and write the model folder to ``out_dir`` (staged in a sibling
+    temporary folder, then renamed). Returns the summary: recipe, parameter count, seconds, logged losses of both
+    phases, val figures before and after."""
+    torch.manual_seed(seed)
+    steps = STEPS if steps is None else steps
+    vision_steps = VISION_STEPS if steps == STEPS else max(1, round(steps * VISION_STEPS / STEPS))
+    versions = training_prompt_versions()
+    started = time.perf_counter()
+    processor = make_processor(train_tokenizer(tokenizer_corpus(seed=0)))
+    model = new_model(make_config(processor), seed)
+    model.train()
+    vision_losses = _vision_phase(model, processor, vision_steps, progress)
+    vision_seconds = time.perf_counter() - started
+    val_batches = _val_batches(processor, versions)
+    losses, val = _train_phase(model, processor, steps, batch_size, seed, progress, versions, val_batches)
+    model.eval()
+    summary = {
+        "format": MINI_LLAVA_FORMAT,
+        "seed": seed,
+        "steps": steps,
+        "vision_steps": vision_steps,
+        "batch": batch_size,
+        "vision_batch": VISION_BATCH,
+        "lr": LR,
+        "prompt_versions": versions,
+        "torch_threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vision_seconds": round(vision_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "vision_losses": vision_losses,
+        "losses": losses,
+        **{f"{key}_before": value for key, value in val["before"].items()},
+        **val["after"],
+    }
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_model(model, processor, staging)
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info(
+        "mini-llava: %d steps in %.0f s, loss %.3f -> %.3f, val loss %.3f, val token accuracy %.3f -> %s",
+        steps, summary["seconds"], losses[0]["loss"], losses[-1]["loss"], summary["val_loss"],
+        summary["val_token_accuracy"], out_dir,
+    )  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stage1_reason.mini_llava OUT_DIR [--seed N] [--steps N] [--threads N]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="train the mini LLaVA on the demo world")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded weights used 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = build_mini_llava(args.out_dir, seed=args.seed, steps=args.steps)
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("losses")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

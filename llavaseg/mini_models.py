@@ -102,12 +102,22 @@ def build_mini_models(
     return summary
 
 
+def _scalars(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Numbers and strings of a (nested) figures dict, keys joined with dots; lists (loss curves) left out."""
+    flat: dict[str, Any] = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat |= _scalars(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float, str)):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def describe(summary: dict[str, Any]) -> str:
     """Human summary: one block per model (its quality figures), the hashes, and the total run time."""
     lines = [f"mini models (seed {summary['seed']}, {summary['torch_threads']} torch thread(s)):"]
     for model, figures in summary["models"].items():
-        shown = {key: value for key, value in figures.items() if isinstance(value, (int, float, str))}
-        lines.append(f"  {model}: " + json.dumps(shown, sort_keys=True))
+        lines.append(f"  {model}: " + json.dumps(_scalars(figures), sort_keys=True))
     lines += [f"  {digest}  {name}" for name, digest in sorted(summary["sha256"].items())]
     lines.append(f"built in {summary['seconds']:.0f} s")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.demo import REASONSEG_DIR, generate_demo_dataset
 from shared.images import load_rgb
@@ -292,9 +292,11 @@ def build_mini_sam(
         "seconds": round(time.perf_counter() - started, 1),
         "weights": str(out_dir / WEIGHTS_FILE),
     }
-    reproducible = {key: str(value) for key, value in summary.items() if key not in ("seconds", "weights")}
-    save_weights(parts, out_dir / WEIGHTS_FILE, reproducible)
-    (out_dir / INFO_FILE).write_text(json.dumps({**summary, "losses": losses}, indent=1) + "\n", encoding="utf-8")
+    reproducible = {key: value for key, value in summary.items() if key not in ("seconds", "weights")}
+    # One metadata key: safetensors writes several in hash order, which would change the file's bytes run to run.
+    save_weights(parts, out_dir / WEIGHTS_FILE, {"mini_sam": json.dumps(reproducible, sort_keys=True)})
+    recorded = {**summary, "weights": WEIGHTS_FILE, "losses": losses}  # the file name: the folder may move
+    (out_dir / INFO_FILE).write_text(json.dumps(recorded, indent=1) + "\n", encoding="utf-8")
     logger.info("mini SAM: box mIoU %.4f, point mIoU %.4f on %d val objects; %.0f s",
                 quality["box_miou"], quality["point_miou"], quality["val_objects"], summary["seconds"])  # fmt: skip
     return {**summary, "losses": losses}

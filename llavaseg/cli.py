@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llava-steps", type=int, default=None, help="mini LLaVA training steps (default: its own)")
     p.add_argument("--sam-steps", type=int, default=None, help="mini SAM pretraining steps (default: its own)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads; the weights depend on it (default: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads; the weights depend on it (default: those of the committed weights, "
+                        "2 for the mini LLaVA, 1 for the mini SAM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build_mini_models)
 

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 SUMS_FILE = "SHA256SUMS"
 MODELS = ("mini-llava", "mini-sam")
+# torch threads each committed model was built with (the weights depend on the thread count)
+DEFAULT_THREADS = {"mini-llava": 2, "mini-sam": 1}
 
 
 def _builder(model: str) -> Callable[..., dict[str, Any]]:
@@ -75,26 +77,29 @@ def build_mini_models(
     seed: int = 0,
     steps: dict[str, int | None] | None = None,
     progress: bool = True,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Build ``models`` under ``out_dir`` and update its ``SHA256SUMS``; returns each model's figures and seconds."""
+    """Build ``models`` under ``out_dir`` and update its ``SHA256SUMS``; returns each model's figures and seconds.
+    ``threads`` = torch threads for every model; None = each model's ``DEFAULT_THREADS`` (those of the committed
+    weights)."""
     unknown = [model for model in models if model not in MODELS]
     if unknown:
         raise ValueError(f"unknown mini model(s) {unknown}; known: {', '.join(MODELS)}")
     started = time.perf_counter()
-    torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"seed": seed, "torch_threads": threads, "models": {}}
+    summary: dict[str, Any] = {"seed": seed, "models": {}}
     for model in models:
         try:
             build = _builder(model)
         except ImportError as error:
             raise ValueError(f"{model}: its builder cannot be imported ({error})") from error
         model_started = time.perf_counter()
+        torch.set_num_threads(threads or DEFAULT_THREADS[model])
         figures = build(out_dir / model, seed=seed, steps=(steps or {}).get(model), progress=progress)
         figures = {key: value for key, value in figures.items() if key != "losses"}
-        summary["models"][model] = {**figures, "build_seconds": round(time.perf_counter() - model_started, 1)}
+        summary["models"][model] = {**figures, "torch_threads": torch.get_num_threads(),
+                                    "build_seconds": round(time.perf_counter() - model_started, 1)}  # fmt: skip
         update_sums(out_dir, [model])
     summary["sha256"] = {name: digest for name, digest in read_sums(out_dir / SUMS_FILE).items()
                          if name.split("/")[0] in models}  # fmt: skip
@@ -115,7 +120,7 @@ def _scalars(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def describe(summary: dict[str, Any]) -> str:
     """Human summary: one block per model (its quality figures), the hashes, and the total run time."""
-    lines = [f"mini models (seed {summary['seed']}, {summary['torch_threads']} torch thread(s)):"]
+    lines = [f"mini models (seed {summary['seed']}):"]
     for model, figures in summary["models"].items():
         lines.append(f"  {model}: " + json.dumps(_scalars(figures), sort_keys=True))
     lines += [f"  {digest}  {name}" for name, digest in sorted(summary["sha256"].items())]

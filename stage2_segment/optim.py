@@ -3,19 +3,24 @@ the cross-worker gradient average and gradient clipping.
 
 ``optimizer_step`` accumulates the micro-batches' gradients, averages them over workers, clips their global L2 norm
 at ``stage2.grad_clip_norm`` (LISA: 1.0; 0 = off) and steps the optimizer, built by ``build_optimizer`` with
-``stage2.adam_betas`` (LISA: (0.9, 0.95)).
+``stage2.adam_betas`` (LISA: (0.9, 0.95)). A NaN or infinite loss or gradient norm raises ``NonFiniteLossError`` before
+the optimizer steps; the training loop then records the step in ``diverged.json`` and ``train`` raises
+``TrainingDivergedError`` without exporting anything.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from shared.config import Stage2Config
+from shared.shards import write_json_atomic
 from stage2_segment.loss import MaskLoss, mask_loss
 from stage2_segment.modeling import AdaptedSam
 
@@ -66,6 +71,9 @@ def average_gradients(parameters: list[torch.nn.Parameter], world_size: int) -> 
         offset += count
 
 
+NON_FINITE_KEYS = ("loss", "bce", "dice", "grad_norm")  # checked after every step, named in this order
+
+
 class NonFiniteLossError(ValueError):
     """A step whose loss or gradient norm is NaN or infinite; raised before the optimizer steps, so the weights (and
     every checkpoint) stay finite. Every worker raises it at the same step: the values are all-reduced first."""
@@ -110,7 +118,35 @@ def optimizer_step(
     gradients = [p for p in parameters if p.grad is not None]
     max_norm = stage2.grad_clip_norm if stage2.grad_clip_norm > 0 else float("inf")
     result["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(gradients, max_norm)) if gradients else 0.0
-    if not all(math.isfinite(result[key]) for key in ("loss", "bce", "dice", "grad_norm")):
-        raise NonFiniteLossError({key: result[key] for key in ("loss", "bce", "dice", "grad_norm")})
+    if not all(math.isfinite(result[key]) for key in NON_FINITE_KEYS):
+        raise NonFiniteLossError({key: result[key] for key in NON_FINITE_KEYS})
     optimizer.step()
     return result
+
+
+DIVERGED_FILE = "diverged.json"  # in the training's output folder: the step that went non-finite
+
+
+class TrainingDivergedError(ValueError):
+    """A training run stopped at a non-finite step; the last finite checkpoint is kept and nothing was exported."""
+
+
+def record_divergence(output_dir: Path, step: int, error: NonFiniteLossError, last_checkpoint: Path | None) -> None:
+    """Rank 0: write ``diverged.json`` (step, the values, the checkpoint kept) for the driver to raise from."""
+    record = {"step": step, "values": error.values,
+              "last_checkpoint": str(last_checkpoint) if last_checkpoint else None}
+    write_json_atomic(Path(output_dir) / DIVERGED_FILE, record)
+
+
+def divergence_error(output_dir: Path, name: str) -> TrainingDivergedError | None:
+    """The error to raise when the run in ``output_dir`` recorded a non-finite step, else None."""
+    path = Path(output_dir) / DIVERGED_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    values = ", ".join(f"{key} {record['values'][key]}" for key in NON_FINITE_KEYS if key in record["values"])
+    kept = record["last_checkpoint"] or "none (it diverged before the first checkpoint)"
+    return TrainingDivergedError(
+        f"stage-2 training {name} stopped at step {record['step']}: non-finite training values ({values}); nothing "
+        f"was exported; last finite checkpoint kept: {kept}. Check stage2.lr, the loss weights and the data."
+    )

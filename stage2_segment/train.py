@@ -10,6 +10,10 @@ and a warmup + linear-decay schedule. Outputs under ``<work_dir>/stage2/<train n
                                 {"event": "start"} line per attempt, saying where it resumed from
     checkpoints/step_NNNNNN/    rank 0, every ``checkpoint_every`` steps and at the end (see ``checkpoint.py``)
     final/                      the trained parts at the last step: what ``evaluate`` and ``infer`` read
+    diverged.json               only after a non-finite step: the step and its values (nothing is exported then)
+
+``train`` holds ``<work_dir>/stage2/train.lock`` (``train_lock``) and refuses unfinished stage-1 data unless
+``allow_partial`` (``train_inputs``).
 
 The train name is a hash of everything that changes the trained weights (stage-2 settings, sources and their stage-1
 run keys, the training mix), so rerunning the same command resumes: within a run Ray restores the last reported
@@ -20,7 +24,6 @@ newest complete checkpoint in ``checkpoints/`` is used. Whichever has the higher
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -54,13 +57,24 @@ from stage2_segment.data import (
     build_index,
 )
 from stage2_segment.modeling import AdaptedSam, build_adapted_sam, get_variant
-from stage2_segment.optim import build_optimizer, lr_schedule, optimizer_step
+from stage2_segment.optim import (
+    DIVERGED_FILE,
+    NonFiniteLossError,
+    build_optimizer,
+    divergence_error,
+    lr_schedule,
+    optimizer_step,
+    record_divergence,
+)
+from stage2_segment.train_inputs import require_complete, shard_set
+from stage2_segment.train_log import METRICS_FILE, read_metrics
+from stage2_segment.train_log import append_jsonl as _append_jsonl
+from stage2_segment.train_lock import train_lock
 
 logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 RAY_CHECKPOINTS_KEPT = 2
 MAX_SUBSTITUTIONS = 16
 # Settings that do not change the trained weights, left out of the train name.
@@ -95,6 +109,7 @@ def train_settings(config: PipelineConfig, sources: list[Stage2Source]) -> dict[
                     for source in sources],  # the name tells a training view without held-out images apart
         "sample_rates": dict(sorted(config.data.sample_rates.items())),
         "max_samples_per_manifest": config.data.max_samples_per_manifest,
+        "shards": shard_set(sources),  # the done shards read, by content: new data means a new training
     }
 
 
@@ -145,31 +160,6 @@ class MicroBatches(torch.utils.data.Dataset):
                 logger.warning("skipping a training sample: %s", error)
                 indices = [(i + 1) % len(self.dataset) if i == error.index else i for i in indices]
         raise RuntimeError(f"step {step}: {MAX_SUBSTITUTIONS} unusable samples in a row; check the data")
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line; a line torn by a killed writer is ended first, so only that line is lost."""
-    torn = False
-    if path.is_file() and path.stat().st_size > 0:
-        with path.open("rb") as tail:
-            tail.seek(-1, 2)
-            torn = tail.read(1) != b"\n"
-    with path.open("a") as handle:
-        handle.write(("\n" if torn else "") + json.dumps(record) + "\n")
-        handle.flush()
-
-
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    """Every record of ``metrics.jsonl`` (torn lines of a killed writer are skipped)."""
-    path = Path(output_dir) / METRICS_FILE
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def _load_state(model: AdaptedSam, optimizer: torch.optim.Optimizer, scheduler: Any, folder: Path) -> dict[str, Any]:
@@ -259,8 +249,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
     for step in range(start_step + 1, s2.iterations + 1):
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        losses = optimizer_step(model, optimizer, (next(loader) for _ in range(accumulation)), s2, device, use_bf16,
-                                world)  # fmt: skip
+        try:
+            losses = optimizer_step(model, optimizer, (next(loader) for _ in range(accumulation)), s2, device,
+                                    use_bf16, world)  # fmt: skip
+        except NonFiniteLossError as error:  # every worker sees the same all-reduced values and stops here
+            logger.error("step %d: %s; stopping without exporting", step, error)
+            if rank == 0:
+                record_divergence(output_dir, step, error, find_latest(checkpoints_dir))
+            return
         scheduler.step()
         seconds = time.perf_counter() - started
         metrics = {"step": step, "loss": losses["loss"], "bce": losses["bce"], "dice": losses["dice"], "lr": lr,
@@ -326,14 +322,22 @@ def _result(output_dir: Path, steps_done: int) -> TrainResult:
     )
 
 
-def train(config: PipelineConfig, sources: list[Stage2Source]) -> TrainResult:
-    """Train (or resume training) the adapted SAM on ``sources``; returns where the trained parts are.
+def train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: bool = False) -> TrainResult:
+    """Train (or resume training) the adapted SAM on ``sources``; returns where the trained parts are. One ``train``
+    per work dir at a time (``train_lock``).
 
     Raises:
         ValueError: batch sizes that do not divide (naming the keys), sources without usable samples, a family
-            without a sample rate.
+            without a sample rate; ``PartialDataError``: unfinished stage-1 shards (unless ``allow_partial``);
+            ``TrainingDivergedError``: a non-finite step (the last finite checkpoint is kept, nothing exported).
+        TrainLockedError: another ``train`` is running in this work dir.
         ray.train.TrainingFailedError: the workers failed more than ``ray.max_failures`` times.
     """
+    with train_lock(config.work_dir):
+        return _train(config, sources, allow_partial)
+
+
+def _train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: bool) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -348,6 +352,8 @@ def train(config: PipelineConfig, sources: list[Stage2Source]) -> TrainResult:
         logger.warning("removing %s, left by a killed export", stale)
         shutil.rmtree(stale, ignore_errors=True)
     index = build_index(sources, config.data.max_samples_per_manifest)  # data problems fail here, before Ray starts
+    require_complete(index.reports, allow_partial)
+    (output_dir / DIVERGED_FILE).unlink(missing_ok=True)
     mix = MixtureSampler(index.table["family"].to_pylist(), index.table["dataset"].to_pylist(),
                          config.data.sample_rates, config.stage2.seed)  # fmt: skip
     logger.info("stage 2 %s: %d training samples; mix %s", name, len(index), mix.describe())
@@ -386,6 +392,9 @@ def train(config: PipelineConfig, sources: list[Stage2Source]) -> TrainResult:
             import ray
 
             ray.shutdown()
+    diverged = divergence_error(output_dir, name)
+    if diverged is not None:
+        raise diverged
     if not is_complete(final):
         raise RuntimeError(f"stage-2 training {name} ended without exporting {final}")
     new_steps = [r for r in read_metrics(output_dir)[len(before) :] if "step" in r]

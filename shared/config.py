@@ -86,6 +86,14 @@ class Stage1Config:
     shard_size: int = 64  # manifest rows per shard; the shard count depends on the input only
     replicas: int = 1  # vLLM engine replicas when run through Ray Data
     use_ray: bool = False
+    # backend "openai": a running `vllm serve` (OpenAI-compatible chat completions) instead of an in-process engine
+    server_url: str = ""  # e.g. http://127.0.0.1:8000 (generation)
+    embed_server_url: str = ""  # a second server with the pooling runner (token_embed); embed_mode "hidden" only
+    api_key_env: str = ""  # name of the environment variable holding the API key (the key is never written anywhere)
+    max_concurrency: int = 8  # requests in flight per server
+    request_timeout_s: float = 300.0
+    request_retries: int = 3  # on 429, 5xx and dropped connections, with exponential backoff
+    retry_backoff_s: float = 0.5  # first backoff; doubled on each retry
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ SECTIONS: dict[str, type] = {
 }
 
 CHOICES: dict[str, tuple] = {
-    "stage1.backend": ("vllm", "transformers"),
+    "stage1.backend": ("vllm", "transformers", "openai"),
     "stage1.cot_steps": (1, 2, 3),
     "stage1.prompt_version": ("v1", "v2"),
     "stage1.conversation_format": ("chat_template", "llava_v1"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from urllib.parse import urlparse
 from typing import Any
 
 # Encoder depth of each SAM variant (stage2_segment.modeling.SAM_VARIANTS; a test keeps the two equal). shared/ may
@@ -22,6 +23,35 @@ LOCAL_PATH_KEYS = (("paths", "data_root"), ("paths", "work_dir"), ("ray", "stora
 
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def server_problems(stage1: Any) -> list[str]:
+    """``stage1.backend = "openai"``: the server URLs it needs, and request settings that can work."""
+    problems = []
+    urls = {"server_url": stage1.server_url, "embed_server_url": stage1.embed_server_url}
+    for key, url in urls.items():
+        parsed = urlparse(url)
+        if url and (parsed.scheme not in ("http", "https") or not parsed.netloc):
+            problems.append(f"stage1.{key}: {url!r} is not an http(s)://host:port URL")
+    if stage1.backend == "openai":
+        if not stage1.server_url:
+            problems.append("stage1.server_url: required with stage1.backend = 'openai' (the `vllm serve` URL)")
+        if stage1.embed_mode == "hidden" and not stage1.embed_server_url:
+            problems.append("stage1.embed_server_url: required with stage1.backend = 'openai' and embed_mode 'hidden' "
+                            "(a `vllm serve --runner pooling` URL; embed_mode 'input' needs none)")  # fmt: skip
+    if stage1.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", stage1.api_key_env):
+        problems.append(f"stage1.api_key_env: {stage1.api_key_env!r} is not an environment variable name (the key "
+                        "itself does not belong in the config)")  # fmt: skip
+    if stage1.max_concurrency < 1:
+        problems.append(f"stage1.max_concurrency: must be >= 1, got {stage1.max_concurrency}")
+    if stage1.request_retries < 0:
+        problems.append(f"stage1.request_retries: must be >= 0, got {stage1.request_retries}")
+    for key in ("request_timeout_s", "retry_backoff_s"):
+        value = getattr(stage1, key)
+        if not (_finite(value) and (value > 0 if key == "request_timeout_s" else value >= 0)):
+            problems.append(f"stage1.{key}: must be a finite number {'> 0' if key == 'request_timeout_s' else '>= 0'}, "
+                            f"got {value}")  # fmt: skip
+    return problems
 
 
 def value_problems(sections: dict[str, Any]) -> list[str]:
@@ -66,4 +96,5 @@ def value_problems(sections: dict[str, Any]) -> list[str]:
             scheme = value.split("://", 1)[0]
             problems.append(f"{section}.{key}: {value!r} is a {scheme}:// URI; only local (or mounted) folders are "
                             "supported yet")  # fmt: skip
+    problems += server_problems(stage1)
     return problems

@@ -155,6 +155,10 @@ def plan_shards(run_dir: Path, spec: str, manifest_path: Path, manifest: pa.Tabl
 
 
 def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
+    if config.stage1.backend == "openai":  # a running `vllm serve`
+        from stage1_reason.openai_backend import backend_from_config
+
+        return backend_from_config(config.stage1, model_path)
     from stage1_reason.engine import make_backend
 
     s1 = config.stage1
@@ -167,6 +171,10 @@ def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
 
 
 def make_embedder_for(config: PipelineConfig, model_path: str) -> Any:
+    if config.stage1.backend == "openai" and config.stage1.embed_mode == "hidden":  # a pooling `vllm serve`
+        from stage1_reason.openai_backend import embedder_from_config
+
+        return embedder_from_config(config.stage1, model_path)
     from stage1_reason.embed import make_embedder
 
     s1 = config.stage1
@@ -282,6 +290,10 @@ def run_stage1(
                     shards.done_path(Path(task.path)).unlink(missing_ok=True)
                 pending.append(task)
     rows = _rows_by_task(pending, tables)
+    if pending and config.stage1.backend == "openai":  # an unreachable server fails here, before any shard is touched
+        from stage1_reason.openai_backend import server_metadata
+
+        metadata.update(server_metadata(config.stage1))
     to_generate = [t for t in pending if not gen_covers(t)]
     log.info("stage 1 run %s: %d shards pending (%d need generation)", key, len(pending), len(to_generate))
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -67,33 +69,17 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     from manifests.registry import build_manifest, manifest_filename
 
     config = _load(args, check_paths=False)
-    root = Path(args.root).resolve() if args.root else config.data_root
     if args.dataset == "table":
-        return _manifest_table(args, config, root)
+        from llavaseg.cli_input import manifest_table
+
+        return manifest_table(args, config)
+    root = Path(args.root).resolve() if args.root else config.data_root
     if args.split is None:
         raise ValueError(f"manifest {args.dataset}: --split is required")
     out = Path(args.out) if args.out else config.work_dir / "manifests" / manifest_filename(args.dataset, args.split)
     result = build_manifest(args.dataset, root, args.split, out)
     echo(result.summary())
     echo(f"manifest written to {result.path}")
-    return 0
-
-
-def _manifest_table(args: argparse.Namespace, config: PipelineConfig, root: Path) -> int:
-    from manifests.table import INFERENCE_SPLIT, build_table_manifest, dataset_name
-
-    if not args.input:
-        raise ValueError("manifest table: --input FILE (CSV, JSONL, Parquet) or --input FOLDER --query Q is required")
-    if args.split not in (None, INFERENCE_SPLIT):
-        raise ValueError(f"manifest table: the split is always {INFERENCE_SPLIT!r}, got --split {args.split}")
-    source = Path(args.input)
-    name = args.name or dataset_name(source)
-    out = Path(args.out) if args.out else config.work_dir / "manifests" / f"{name}-{INFERENCE_SPLIT}.parquet"
-    built = build_table_manifest(source, root, out, args.query, name)
-    for row in built.rejected:
-        echo(f"rejected: {row.message}", err=True)
-    echo(built.summary())
-    echo(f"manifest written to {built.result.path}")
     return 0
 
 
@@ -144,6 +130,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from stage2_segment.infer import infer
 
+    if args.input:
+        from llavaseg.cli_input import infer_input_command
+
+        config = _load(args, check_paths=False)
+        return infer_input_command(args, config, _checkpoint(args, config))  # a missing checkpoint fails first
+    if args.root or args.query or args.png or args.name:
+        raise ValueError("infer: --root, --query, --png and --name go with --input")
     config, manifests, sources = _stage2_inputs(args)
     out = Path(args.out) if args.out else config.work_dir / "predictions"
     summary = infer(config, sources(config, manifests, config.data.eval), _checkpoint(args, config), out)
@@ -220,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("manifest", "build one dataset's manifest Parquet from its on-disk format")
     p.add_argument("dataset", help="reasonseg, refcoco, refcoco+, refcocog, refclef, ade20k, cocostuff, paco_lvis, "
                    "pascal_part; or table: your own images and queries (--input), no masks, split 'inference'")
-    p.add_argument("--root", default=None, help="data root in LISA's layout, or the folder your table's image paths "
-                   "are under (default: [paths].data_root)")
+    p.add_argument("--root", default=None, help="data root in LISA's layout (default: [paths].data_root); for table "
+                   "the folder the image paths are under (default: the table's folder, or the image folder)")
     p.add_argument("--split", default=None, help="train, val, test, testA, ... as the dataset has them (required, "
                    "except for table)")
     p.add_argument("--input", default=None, help="table: a CSV, JSONL or Parquet file with columns image, query "
@@ -256,10 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = command("infer", "stage 2: offline inference over the eval manifests' shards -> RLE predictions")
+    p = command("infer", "offline inference -> RLE predictions: over the eval manifests' shards, or with --input over "
+                "your own images and queries (stage 1, then stage 2)")
     p.add_argument("--checkpoint", default=None,
                    help="a trained checkpoint folder (default: the one `llavaseg train` makes for this config)")
     p.add_argument("--out", default=None, help="output folder (default: <work_dir>/predictions)")
+    p.add_argument("--input", default=None, help="a CSV, JSONL or Parquet table (columns image, query; optional id, "
+                   "query_kind), or a folder of images with --query")
+    p.add_argument("--root", default=None, help="with --input: the folder the image paths are under (default: the "
+                   "table's folder, or the image folder itself)")
+    p.add_argument("--query", default=None, help="with an --input folder: the query for every image")
+    p.add_argument("--png", default=None, metavar="DIR", help="with --input: also write mask and overlay PNGs here")
+    p.add_argument("--name", default=None, help="with --input: the manifest's name (default: from the input's name)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="with --input: Ray Data actors for stage 2 and stage-1 engine replicas (default: ray.num_workers)")
     _add_config_args(p)
     p.set_defaults(func=cmd_infer)
 
@@ -344,9 +347,32 @@ def _work_dir(args: argparse.Namespace) -> Path | None:
         return None  # the command reports the error itself
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that engines and Ray clusters are closed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    import traceback; os.write(2, ("SIGTERM DEBUG\n" + "".join(traceback.format_stack(frame))).encode())
+    raise Terminated()
+
+
+def _stopped(code: int) -> int:
+    """End what is left of the job's child processes; say so in one line."""
+    from shared.processes import terminate_descendants
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    what = "terminated" if code == 143 else "interrupted"
+    left = terminate_descendants()
+    extra = f"; ended {len(left)} child process(es)" if left else ""
+    echo(f"{what}{extra}; finished shards and checkpoints are kept, rerun the same command to resume", err=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     from llavaseg.logs import route_output
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     args = parse_args(argv)
     log_file = route_output(_work_dir(args), args.command, args.verbose, args.quiet)
     where = f" (full log: {log_file})" if log_file else ""
@@ -361,9 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # disk full, permissions, ...: the message names the file
         echo(f"error: {err}{where}", err=True)
         code = 1
-    except KeyboardInterrupt:
-        echo("interrupted; finished shards and checkpoints are kept, rerun the same command to resume", err=True)
-        code = 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through our handler
+        code = _stopped(143 if isinstance(stop, Terminated) else 130)
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:  # Ray's driver turns SIGTERM into sys.exit(15)
+            raise
+        code = _stopped(143)
     except Exception as err:  # an unexpected failure: one line here, the traceback in the log file
         if not log_file:
             raise

@@ -76,6 +76,11 @@ def dataset_name(source: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "-", stem).strip("-").lower() or "table"
 
 
+def default_root(source: Path) -> Path:
+    """A folder input is its own root; a table's image paths are relative to the table's folder."""
+    return source if source.is_dir() else source.parent
+
+
 def guess_query_kind(query: str) -> str:
     """"sentence" for a question or a long description (as ReasonSeg's long queries), else "phrase"."""
     text = query.strip()

@@ -41,11 +41,11 @@ MANIFEST_COLUMNS = [
     "sample_id", "dataset", "family", "split", "image_path", "image_id", "query", "query_kind", "mask", "height",
     "width",
 ]  # fmt: skip
-SHARD_INDEX_COLUMNS = ["sample_id", "target", "attributes", "seg_text", "status", "error"]
+SHARD_INDEX_COLUMNS = ["sample_id", "reason_answer", "target", "attributes", "seg_text", "status", "error"]
 INPUT_EMBEDDINGS_FILE = "input_embeddings.safetensors"
 INPUT_EMBEDDINGS_TENSOR = "input_embeddings"
 EMBED_MODES = ("hidden", "input")
-ARROW_ONLY_COLUMNS = ("mask", "query", "target", "attributes", "seg_text", "error")
+ARROW_ONLY_COLUMNS = ("mask", "query", "reason_answer", "target", "attributes", "seg_text", "error")
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class JoinReport:
 class Stage2Index:
     """The joined rows of all sources (sorted by spec order, then sample_id) and the shards they point into.
 
-    ``table`` columns: the manifest's (``MANIFEST_COLUMNS``), the shard's ``target``/``attributes``/``seg_text``/
-    ``status``/``error``, plus ``spec``, ``shard`` (index into ``shards``) and ``shard_row``.
+    ``table`` columns: the manifest's (``MANIFEST_COLUMNS``), the shard's ``reason_answer``/``target``/``attributes``/
+    ``seg_text``/``status``/``error``, plus ``spec``, ``shard`` (index into ``shards``) and ``shard_row``.
     """
 
     table: pa.Table

@@ -5,7 +5,12 @@ of every input shard that has no finished output through ``map_batches`` with ``
 holds the trained model; a fixed pool of ``ray.num_workers`` actors, one GPU each when ``ray.use_gpu``). The driver
 collects the predictions per input shard and writes ``<out_dir>/<dataset>-<split>/NNNNN.parquet``::
 
-    sample_id  string
+    sample_id      string
+    image_path     string   relative to the data root, as in the manifest
+    query          string
+    reason_answer  string   the MLLM's step-1 answer (stage 1)
+    target         string   the target and its attributes parsed from the second turn (stage 1)
+    attributes     string
     rle        string   COCO RLE JSON {"size": [H, W], "counts": "..."} at the ORIGINAL image size (null on error)
     score      float32  mean sigmoid probability inside the predicted mask (0 for an empty mask)
     height     int32
@@ -50,6 +55,11 @@ logger = logging.getLogger(__name__)
 PREDICTION_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("image_path", pa.string()),
+        pa.field("query", pa.string()),
+        pa.field("reason_answer", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("attributes", pa.string()),
         pa.field("rle", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("height", pa.int32()),
@@ -59,6 +69,7 @@ PREDICTION_SCHEMA = pa.schema(
     ]
 )
 ROW_COLUMNS = ["sample_id", "image_path", "height", "width", "shard", "shard_row"]
+TEXT_COLUMNS = ["sample_id", "image_path", "query", "reason_answer", "target", "attributes"]  # joined in at the end
 
 
 def inference_device(config: PipelineConfig) -> torch.device:
@@ -201,8 +212,10 @@ def infer(config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: P
     written = {"shards": 0, "rows": 0, "ok": 0, "errors": 0}
 
     def flush(k: int) -> None:
-        shard = pa.concat_tables([part.select(PREDICTION_SCHEMA.names) for part in collected.pop(k)])
-        shard = shard.cast(PREDICTION_SCHEMA).sort_by("sample_id")
+        mask_columns = [name for name in PREDICTION_SCHEMA.names if name not in TEXT_COLUMNS[1:]]
+        masks = [part.select(mask_columns) for part in collected.pop(k)]
+        shard = pa.concat_tables(masks).join(rows_by_shard[k].select(TEXT_COLUMNS), keys="sample_id")
+        shard = shard.select(PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA).sort_by("sample_id")
         ok = int(pc.sum(pc.cast(pc.equal(shard["status"], "ok"), pa.int64())).as_py() or 0)
         write_shard(shard, _output_path(out_dir, index.shards[k]), dict(stats, ok=ok, errors=shard.num_rows - ok))
         written["shards"] += 1

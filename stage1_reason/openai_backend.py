@@ -226,7 +226,8 @@ class OpenAIBackend(_ServerSide):
             return Result(request.key, error=f"bad image: {exc}")
         placeholder = getattr(self.processor, "image_token", None)
         if placeholder and any(placeholder in text for text in prompts.message_texts(request.messages)):
-            return Result(request.key, error=f"text contains the image placeholder {placeholder!r}; remove it from the query")
+            message = f"text contains the image placeholder {placeholder!r}; remove it from the query"
+            return Result(request.key, error=message)
         payload: dict[str, Any] = {
             "model": self.served_model, "messages": chat_messages(request.messages, image_data_url(image)),
             "max_tokens": self.max_new_tokens, "temperature": 0.0, "seed": self.seed, "n": 1,
@@ -267,7 +268,8 @@ class OpenAIEmbedder(_ServerSide, _EmbedderBase):
         self._setup(model, embed_server_url, settings, trust_remote_code)
         from transformers import AutoConfig
 
-        self.dim = int(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config().hidden_size)
+        text_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+        self.dim = int(text_config.hidden_size)
 
     def _one(self, request: EmbedRequest) -> EmbedResult:
         located = self._span(request)
@@ -276,8 +278,9 @@ class OpenAIEmbedder(_ServerSide, _EmbedderBase):
         span, inputs, image = located
         total = int(inputs["input_ids"].shape[1])
         answer_turn = {"role": "assistant", "content": [{"type": "text", "text": request.seg_text.strip()}]}
+        messages = chat_messages(request.messages + [answer_turn], image_data_url(image))
         payload: dict[str, Any] = {
-            "model": self.served_model, "messages": chat_messages(request.messages + [answer_turn], image_data_url(image)),
+            "model": self.served_model, "messages": messages,
             "add_generation_prompt": False, "continue_final_message": True, "add_special_tokens": True,
             "task": "token_embed", "use_activation": False, "encoding_format": "float",
         }  # fmt: skip
@@ -289,8 +292,9 @@ class OpenAIEmbedder(_ServerSide, _EmbedderBase):
             return EmbedResult(request.key, error=f"embedding server: {error}")
         vectors = np.asarray(answer["data"][0]["data"], dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != total:
-            return EmbedResult(request.key, error=f"embedding server read {vectors.shape[0] if vectors.ndim else 0} "
-                               f"prompt tokens, the processor {total}: the server renders the conversation differently")  # fmt: skip
+            read = vectors.shape[0] if vectors.ndim else 0
+            return EmbedResult(request.key, error=f"embedding server read {read} prompt tokens, the processor {total}: "
+                               "the server renders the conversation differently")  # fmt: skip
         return self._result(request.key, span, vectors[-len(span.token_ids):])
 
     def embed(self, requests: list[EmbedRequest]) -> list[EmbedResult]:

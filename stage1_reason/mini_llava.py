@@ -8,6 +8,10 @@ Two phases, deterministic for a seed (same seed and thread count -> the same wei
    conversations (``mini_llava_data``), teacher forcing, loss on the assistant's tokens only. Every batch holds one
    task (step 1, merged steps 2+3, step 2 alone) so that sequences of a batch have similar lengths.
 
+The schedule is laid out over ``STEPS``; in the committed weights' recipe the rate also falls early, linearly from step
+135 to 10% of the schedule (``COOLDOWN``), because mid-run the shared machine trained 5-20x slower than planned and an
+early stop looked necessary; ``stop_after`` ends a run early on the same schedule.
+
 Every example is a fresh train-split scene of ``data.demo_seed`` 0; val and test scenes are never seen. The summary
 (returned, and written to ``mini_llava.json`` in the folder) holds the losses of every logged step and the
 teacher-forced loss and token accuracy on val conversations.
@@ -51,7 +55,11 @@ logger = logging.getLogger(__name__)
 
 MINI_LLAVA_FORMAT = 1
 SUMMARY_NAME = "mini_llava.json"
-STEPS = 300
+STEPS = 300  # the schedule's length (warm-up, cosine)
+# The committed weights' run cooled down early (the shared 2-core machine ran far slower than planned at the time):
+# from step 135 the rate falls linearly to 10% of the schedule over 30 steps and stays there.
+STOP_AFTER = None
+COOLDOWN = (135, 30)
 BATCH = 8
 VISION_STEPS = 40
 VISION_BATCH = 24
@@ -73,6 +81,14 @@ def _lr_at(step: int, total: int, peak: float) -> float:
         return peak * (step + 1) / WARMUP
     progress = (step - WARMUP) / max(1, total - WARMUP)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _cooled(lr: float, step: int, cooldown: tuple[int, int] | None) -> float:
+    """``cooldown = (start, length)``: from step ``start`` on, the scheduled rate falls linearly to 10% of itself
+    over ``length`` steps (an early stop that still ends on a low learning rate)."""
+    if cooldown is None or step < cooldown[0]:
+        return lr
+    return lr * max(0.1, 1.0 - 0.9 * (step - cooldown[0] + 1) / cooldown[1])
 
 
 def _vision_phase(model: Any, processor: Any, steps: int, progress: bool) -> list[dict]:
@@ -140,25 +156,28 @@ def _val_figures(model: Any, batches: list[dict]) -> dict:
 
 
 def _train_phase(model: Any, processor: Any, steps: int, batch_size: int, seed: int, progress: bool,
-                 prompt_versions: list[str], val_batches: list[dict]) -> tuple[list[dict], dict]:  # fmt: skip
+                 prompt_versions: list[str], val_batches: list[dict], stop_after: int | None = None,
+                 cooldown: tuple[int, int] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
     rng = random.Random(f"mini-llava-{seed}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
     before = _val_figures(model, val_batches)
     logged, window = [], []
     model.train()
     for step in tqdm(range(steps), desc="mini-llava train", unit="step", disable=not progress):
+        if stop_after is not None and step >= stop_after:
+            break
         task = rng.choices(TASKS, weights=TASK_WEIGHTS)[0]
         convos = [random_conversation(rng, step * batch_size + i, 0, prompt_versions, task) for i in range(batch_size)]
         batch = collate(processor, convos)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, LR)
+            group["lr"] = _cooled(_lr_at(step, steps, LR), step, cooldown)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         window.append(loss.item())
-        if (step + 1) % _log_every(steps) == 0 or step + 1 == steps:
+        if (step + 1) % _log_every(steps) == 0 or step + 1 in (steps, stop_after):
             logged.append({"step": step + 1, "loss": round(sum(window) / len(window), 5)})
             logger.debug("mini-llava step %d: loss %.4f", step + 1, logged[-1]["loss"])
             window = []
@@ -172,14 +191,26 @@ def training_prompt_versions() -> list[str]:
 
 
 def build_mini_llava(
-    out_dir: Path, *, seed: int = 0, steps: int | None = None, progress: bool = True, batch_size: int = BATCH
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: bool = True,
+    batch_size: int = BATCH,
+    stop_after: int | None = None,
+    cooldown: tuple[int, int] | None = None,
 ) -> dict:
     """Train the mini LLaVA (``steps`` instruction-tuning steps of ``batch_size`` conversations, default ``STEPS`` x
     ``BATCH``; the vision phase scales with ``steps``) and write the model folder to ``out_dir`` (staged in a sibling
     temporary folder, then renamed). Returns the summary: recipe, parameter count, seconds, logged losses of both
-    phases, val figures before and after."""
+    phases, val figures before and after.
+
+    ``stop_after`` ends instruction tuning after that many steps of the ``steps``-long schedule, and ``cooldown =
+    (start, length)`` lowers the rate linearly from step ``start`` (see ``_cooled``); the committed weights were made
+    with ``COOLDOWN`` and no early stop (weights/README.md)."""
     torch.manual_seed(seed)
-    steps = STEPS if steps is None else steps
+    if steps is None:  # the recipe of the committed weights
+        steps, stop_after, cooldown = STEPS, STOP_AFTER if stop_after is None else stop_after, cooldown or COOLDOWN
     vision_steps = VISION_STEPS if steps == STEPS else max(1, round(steps * VISION_STEPS / STEPS))
     versions = training_prompt_versions()
     started = time.perf_counter()
@@ -189,13 +220,16 @@ def build_mini_llava(
     vision_losses = _vision_phase(model, processor, vision_steps, progress)
     vision_seconds = time.perf_counter() - started
     val_batches = _val_batches(processor, versions)
-    losses, val = _train_phase(model, processor, steps, batch_size, seed, progress, versions, val_batches)
+    losses, val = _train_phase(model, processor, steps, batch_size, seed, progress, versions, val_batches,
+                               stop_after, cooldown)  # fmt: skip
     model.eval()
     summary = {
         "format": MINI_LLAVA_FORMAT,
         "seed": seed,
         "steps": steps,
         "vision_steps": vision_steps,
+        "stop_after": stop_after,
+        "cooldown": list(cooldown) if cooldown else None,
         "batch": batch_size,
         "vision_batch": VISION_BATCH,
         "lr": LR,
@@ -230,18 +264,22 @@ def build_mini_llava(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m stage1_reason.mini_llava OUT_DIR [--seed N] [--steps N] [--threads N]``."""
+    """``python -m stage1_reason.mini_llava OUT_DIR [--seed N] [--steps N] [--stop-after N] [--cooldown S L]
+    [--threads N]``; without options, the recipe of the committed weights."""
     import argparse
 
     parser = argparse.ArgumentParser(description="train the mini LLaVA on the demo world")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--stop-after", type=int, default=None, help="end after this many steps of the schedule")
+    parser.add_argument("--cooldown", type=int, nargs=2, default=None, metavar=("START", "LENGTH"))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the recorded weights used 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = build_mini_llava(args.out_dir, seed=args.seed, steps=args.steps)
+    summary = build_mini_llava(args.out_dir, seed=args.seed, steps=args.steps, stop_after=args.stop_after,
+                               cooldown=tuple(args.cooldown) if args.cooldown else None)  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("losses")}, indent=1))
 
 

@@ -1,4 +1,5 @@
-"""Session-wide fixtures: a work folder, the tiny LLaVA, and one vLLM engine of each kind for the whole test session.
+"""Session-wide fixtures: a work folder, the tiny LLaVA, and one vLLM engine of each kind for the whole test session
+(plus one on the trained mini LLaVA).
 
 vLLM takes ~20 s to start on CPU, so every test shares the generation engine and the pooling (embedding) engine below;
 both are created on first use only. Settings are CPU-friendly: float32 (the only dtype in which vLLM and transformers
@@ -31,6 +32,7 @@ TINY_ENGINE_SETTINGS = {
 }
 TINY_MAX_NEW_TOKENS = 48
 TINY_MAX_EMBED_TOKENS = 16  # below the typical answer length, so the cap is exercised
+MINI_MAX_NEW_TOKENS = 96  # the mini LLaVA's merged answers run to ~55 tokens
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +113,21 @@ def ray_cluster() -> Iterator[None]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mini_llava_dir() -> Path:
+    """The committed trained mini LLaVA (weights/mini-llava)."""
+    from stage1_reason.tiny_model import resolve_model
+
+    return Path(resolve_model("mini-llava", Path(".")))
+
+
+@pytest.fixture(scope="session")
+def vllm_mini_engine(mini_llava_dir: Path) -> Iterator:
+    """The session's vLLM generation backend on the mini LLaVA (greedy, max_new_tokens 96)."""
+    from stage1_reason.engine import VllmBackend
+
+    backend = VllmBackend(str(mini_llava_dir), max_new_tokens=MINI_MAX_NEW_TOKENS, **TINY_ENGINE_SETTINGS)
+    yield backend
+    backend.close()

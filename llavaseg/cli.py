@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -347,60 +346,50 @@ def _work_dir(args: argparse.Namespace) -> Path | None:
         return None  # the command reports the error itself
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that engines and Ray clusters are closed on the way out."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    import traceback; os.write(2, ("SIGTERM DEBUG\n" + "".join(traceback.format_stack(frame))).encode())
-    raise Terminated()
-
-
-def _stopped(code: int) -> int:
-    """End what is left of the job's child processes; say so in one line."""
-    from shared.processes import terminate_descendants
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    what = "terminated" if code == 143 else "interrupted"
-    left = terminate_descendants()
-    extra = f"; ended {len(left)} child process(es)" if left else ""
-    echo(f"{what}{extra}; finished shards and checkpoints are kept, rerun the same command to resume", err=True)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
+    from llavaseg import stopping
     from llavaseg.logs import route_output
+    from shared.processes import STOPPING
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    stopping.install(None)
     args = parse_args(argv)
     log_file = route_output(_work_dir(args), args.command, args.verbose, args.quiet)
+    stopping.install(log_file)
     where = f" (full log: {log_file})" if log_file else ""
     try:
         code = args.func(args)
-    except ConfigError as err:
-        echo(f"error: {err}", err=True)
-        code = 2
-    except (FileNotFoundError, ValueError) as err:
-        echo(f"error: {err}{where}", err=True)
-        code = 2
-    except OSError as err:  # disk full, permissions, ...: the message names the file
-        echo(f"error: {err}{where}", err=True)
-        code = 1
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through our handler
-        code = _stopped(143 if isinstance(stop, Terminated) else 130)
+        code = 143 if isinstance(stop, stopping.Terminated) else 130
     except SystemExit as stop:
         if stop.code != signal.SIGTERM:  # Ray's driver turns SIGTERM into sys.exit(15)
             raise
-        code = _stopped(143)
-    except Exception as err:  # an unexpected failure: one line here, the traceback in the log file
-        if not log_file:
+        code = 143
+    except Exception as err:
+        if STOPPING.is_set():  # the job's engine failing because SIGTERM ended it: not an error of its own
+            logging.getLogger("traceback").info("after SIGTERM: %s", err, exc_info=True)
+            code = 143
+        elif isinstance(err, ConfigError):
+            echo(f"error: {err}", err=True)
+            code = 2
+        elif isinstance(err, (FileNotFoundError, ValueError)):
+            echo(f"error: {err}{where}", err=True)
+            code = 2
+        elif isinstance(err, OSError):  # disk full, permissions, ...: the message names the file
+            echo(f"error: {err}{where}", err=True)
+            code = 1
+        elif not log_file:
             raise
-        logging.getLogger("traceback").error("%s failed", args.command, exc_info=True)  # not a project logger: file only
-        echo(f"error: {type(err).__name__}: {err}{where}", err=True)
-        code = 1
+        else:  # an unexpected failure: one line here, the traceback in the log file
+            logging.getLogger("traceback").error("%s failed", args.command, exc_info=True)  # not ours: file only
+            echo(f"error: {type(err).__name__}: {err}{where}", err=True)
+            code = 1
+    if STOPPING.is_set():  # terminated, even where the signal's exception was lost inside a library
+        code = 143
+    if code in (130, 143):
+        code = stopping.stopped(code)
     if log_file:
         echo(f"log: {log_file}", err=True)
+    stopping.main_done()
     return code
 
 

@@ -94,6 +94,8 @@ class Stage1Config:
     request_timeout_s: float = 300.0
     request_retries: int = 3  # on 429, 5xx and dropped connections, with exponential backoff
     retry_backoff_s: float = 0.5  # first backoff; doubled on each retry
+    engine_restarts: int = 2  # per phase: a vLLM engine that died or stalled is restarted this often, then the job stops
+    engine_stall_timeout_s: float = 300.0  # an engine whose processes use no CPU time this long is stalled; 0 = off
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,11 @@ def value_problems(sections: dict[str, Any]) -> list[str]:
             problems.append(f"stage2.adapter_blocks: {stage2.adapter_blocks} names a block twice")
     if ray.cpus_per_worker < 1:
         problems.append(f"ray.cpus_per_worker: must be >= 1, got {ray.cpus_per_worker}")
+    if stage1.engine_restarts < 0:
+        problems.append(f"stage1.engine_restarts: must be >= 0, got {stage1.engine_restarts}")
+    if not (_finite(stage1.engine_stall_timeout_s) and stage1.engine_stall_timeout_s >= 0):
+        problems.append(f"stage1.engine_stall_timeout_s: must be a finite number >= 0 (0 = off), got "
+                        f"{stage1.engine_stall_timeout_s}")  # fmt: skip
     if not (_finite(stage1.gpu_memory_utilization) and 0 < stage1.gpu_memory_utilization <= 1):
         problems.append(f"stage1.gpu_memory_utilization: must be in (0, 1], got {stage1.gpu_memory_utilization}")
     for family, rate in data.sample_rates.items():

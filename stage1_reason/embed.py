@@ -240,13 +240,16 @@ class VllmEmbedder(_EmbedderBase):
         self, model: str, max_embed_tokens: int = 64, max_model_len: int = 2048, dtype: str = "float32",
         tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.1, enforce_eager: bool = True,
         trust_remote_code: bool = False, seed: int = 0, conversation_format: str = "chat_template",
-        pad_to_square: bool = False, **engine_kwargs: Any,
+        pad_to_square: bool = False, stall_timeout_s: float = 300.0, **engine_kwargs: Any,
     ):
         super().__init__(model, max_embed_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         from vllm import LLM
         from vllm.config import PoolerConfig
 
+        from stage1_reason.engine_health import EngineWatchdog, descendant_pids, engine_processes
+
         engine_kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
+        before = descendant_pids()
         self.llm = LLM(
             model=model, runner="pooling", convert="embed",
             pooler_config=PoolerConfig(task="token_embed", use_activation=False),
@@ -255,10 +258,12 @@ class VllmEmbedder(_EmbedderBase):
             trust_remote_code=trust_remote_code, seed=seed, **engine_kwargs,
         )
         self.dim = int(self.llm.llm_engine.model_config.get_hidden_size())
+        self.watchdog = EngineWatchdog(engine_processes(before), stall_timeout_s)
 
     def _run(self, batch: list[tuple[EmbedRequest, SegSpan, int, Any]]) -> list[EmbedResult]:
         prompts_in = [{"prompt": span.text, "multi_modal_data": {"image": image}} for _, span, _, image in batch]
-        outputs = self.llm.encode(prompts_in, pooling_task="token_embed", use_tqdm=False)
+        with self.watchdog.watching():
+            outputs = self.llm.encode(prompts_in, pooling_task="token_embed", use_tqdm=False)
         results = []
         for (request, span, total, _), output in zip(batch, outputs, strict=True):
             vectors = output.outputs.data  # NxD over the whole prompt, image tokens included
@@ -283,9 +288,13 @@ class VllmEmbedder(_EmbedderBase):
                 batch.append((request, located[0], int(located[1]["input_ids"].shape[1]), located[2]))
                 positions.append(index)
         if batch:
+            from stage1_reason.engine_health import EngineFailure, is_engine_death
+
             try:
                 batch_results = self._run(batch)
             except Exception as exc:
+                if is_engine_death(exc):
+                    raise EngineFailure(f"vLLM engine failed during embedding: {type(exc).__name__}: {exc}") from exc
                 logger.warning("vLLM embedding batch of %d failed (%s: %s); retrying row by row",
                                len(batch), type(exc).__name__, exc)
                 batch_results = []
@@ -293,6 +302,8 @@ class VllmEmbedder(_EmbedderBase):
                     try:
                         batch_results.extend(self._run([item]))
                     except Exception as row_exc:
+                        if is_engine_death(row_exc):
+                            raise EngineFailure(f"vLLM engine failed during embedding: {row_exc}") from row_exc
                         batch_results.append(EmbedResult(
                             item[0].key, error=f"vLLM embedding failed: {type(row_exc).__name__}: {row_exc}"
                         ))

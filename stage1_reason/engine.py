@@ -24,6 +24,14 @@ import numpy as np
 from PIL import Image
 
 from stage1_reason import prompts
+from stage1_reason.engine_health import (
+    TRANSIENT_ERROR_PREFIX,
+    EngineFailure,
+    EngineWatchdog,
+    descendant_pids,
+    engine_processes,
+    is_engine_death,
+)
 from stage1_reason.llava_conventions import clip_mean_colour, expand2square
 
 logger = logging.getLogger(__name__)
@@ -181,12 +189,14 @@ class VllmBackend(_BackendBase):
         seed: int = 0,
         conversation_format: str = "chat_template",
         pad_to_square: bool = False,
+        stall_timeout_s: float = 300.0,
         **engine_kwargs: Any,
     ):
         super().__init__(model, max_new_tokens, max_model_len, trust_remote_code, conversation_format, pad_to_square)
         from vllm import LLM, SamplingParams
 
         engine_kwargs.setdefault("limit_mm_per_prompt", {"image": 1})
+        before = descendant_pids()
         self.llm = LLM(
             model=model,
             dtype=dtype,
@@ -199,10 +209,12 @@ class VllmBackend(_BackendBase):
             **engine_kwargs,
         )
         self.sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=seed)
+        self.watchdog = EngineWatchdog(engine_processes(before), stall_timeout_s)
 
     def _run(self, batch: list[_Prepared]) -> list[Result]:
         inputs = [{"prompt": item.prompt, "multi_modal_data": {"image": item.image}} for item in batch]
-        outputs = self.llm.generate(inputs, self.sampling, use_tqdm=False)
+        with self.watchdog.watching():
+            outputs = self.llm.generate(inputs, self.sampling, use_tqdm=False)
         results = []
         for item, output in zip(batch, outputs, strict=True):
             completion = output.outputs[0]
@@ -215,6 +227,8 @@ class VllmBackend(_BackendBase):
             try:
                 batch_results = self._run(prepared)
             except Exception as exc:
+                if is_engine_death(exc):
+                    raise EngineFailure(f"vLLM engine failed during generation: {type(exc).__name__}: {exc}") from exc
                 logger.warning(
                     "vLLM batch of %d failed (%s: %s); retrying row by row", len(prepared), type(exc).__name__, exc
                 )
@@ -223,9 +237,11 @@ class VllmBackend(_BackendBase):
                     try:
                         batch_results.extend(self._run([item]))
                     except Exception as row_exc:
+                        if is_engine_death(row_exc):
+                            raise EngineFailure(f"vLLM engine failed during generation: {row_exc}") from row_exc
                         batch_results.append(
                             Result(item.key, prompt_tokens=item.prompt_tokens,
-                                   error=f"vLLM generation failed: {type(row_exc).__name__}: {row_exc}")
+                                   error=f"{TRANSIENT_ERROR_PREFIX}: {type(row_exc).__name__}: {row_exc}")
                         )
             for item, result in zip(prepared, batch_results, strict=True):
                 results[item.index] = result

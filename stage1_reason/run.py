@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from shared import shards
 from shared.config import PipelineConfig
+from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
+from shared.processes import STOPPING
 from stage1_reason import parsing, prompts, step1_templates
+from stage1_reason.engine_health import EngineFailure, terminate_pids
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
     GEN_SCHEMA,
@@ -67,6 +69,8 @@ class Stage1Summary:
     generated_samples: int = 0  # rows that went through the generation engine in this call
     embedded_samples: int = 0
     seconds: float = 0.0
+    engine_restarts: int = 0  # engines restarted after they died or stalled
+    retried_rows: int = 0  # rows of done shards redone because their errors came from the engine
 
     @property
     def new_rows(self) -> int:
@@ -96,6 +100,9 @@ class Stage1Summary:
             f"stage 1: {self.new_rows} new samples, {self.reused_rows} reused, {self.errors} error rows, "
             f"{self.capped_rows} rows cut at max_embed_tokens, {self.seconds:.1f}s ({rate:.2f} samples/s generated) -> {self.run_dir}"
         ]
+        if self.engine_restarts or self.retried_rows:
+            lines.append(f"  {self.engine_restarts} engine restart(s); {self.retried_rows} rows retried after engine-side "
+                         "errors of an earlier run")  # fmt: skip
         for name, s in self.per_manifest.items():
             lines.append(
                 f"  {name}: {s.rows} rows in {s.shards} shards ({s.new_rows} new, {s.reused_rows} reused, "
@@ -162,11 +169,12 @@ def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
     from stage1_reason.engine import make_backend
 
     s1 = config.stage1
+    extra = {"stall_timeout_s": s1.engine_stall_timeout_s} if s1.backend == "vllm" else {}
     return make_backend(
         s1.backend, model_path, max_new_tokens=s1.max_new_tokens, dtype=s1.dtype, max_model_len=s1.max_model_len,
         tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
         enforce_eager=s1.enforce_eager, trust_remote_code=s1.trust_remote_code, seed=s1.seed,
-        conversation_format=s1.conversation_format, pad_to_square=s1.image_pad_to_square,
+        conversation_format=s1.conversation_format, pad_to_square=s1.image_pad_to_square, **extra,
     )
 
 
@@ -185,7 +193,7 @@ def make_embedder_for(config: PipelineConfig, model_path: str) -> Any:
     )
     if s1.backend == "vllm":
         kwargs.update(tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
-                      enforce_eager=s1.enforce_eager, seed=s1.seed)
+                      enforce_eager=s1.enforce_eager, seed=s1.seed, stall_timeout_s=s1.engine_stall_timeout_s)
     return make_embedder(s1.embed_mode, model_path, backend=s1.backend, **kwargs)
 
 
@@ -238,6 +246,55 @@ def check_engine_conventions(engine: Any, config: PipelineConfig, role: str) -> 
         )
 
 
+def run_with_restarts(
+    tasks: list[ShardTask], label: str, engine: Any, make_engine: Any, step: Any, max_restarts: int
+) -> tuple[list[Any], int]:
+    """``step(task, engine)`` for each task, in order; returns the results and how many engines were restarted.
+
+    When the engine dies or stalls (``EngineFailure``) the shard in flight is left unfinished, the engine is closed and
+    its processes ended, and a new engine redoes that shard; after ``max_restarts`` restarts in this phase, or for an
+    engine passed in by the caller (not ours to restart), the failure is raised with the count.
+    """
+    if not tasks:
+        return [], 0
+    own = engine is None
+    restarts, results = 0, []
+    engine = engine or make_engine()
+    try:
+        for task in tqdm(tasks, desc=label, unit="shard"):
+            while True:
+                try:
+                    results.append(step(task, engine))
+                    break
+                except EngineFailure as error:
+                    if not own or restarts >= max_restarts or STOPPING.is_set():
+                        raise EngineFailure(
+                            f"{label}: {error}; stopped after {restarts} engine restart(s) "
+                            f"(stage1.engine_restarts = {max_restarts}). {task.path} is not done; finished shards are "
+                            "kept, and rerunning the command resumes"
+                        ) from error
+                    restarts += 1
+                    log.warning("%s: %s; restarting the engine (%d of %d) and redoing %s", label, error, restarts,
+                                max_restarts, task.path)  # fmt: skip
+                    _discard(engine)
+                    engine = None
+                    engine = make_engine()
+    finally:
+        if own and engine is not None:
+            engine.close()
+    return results, restarts
+
+
+def _discard(engine: Any) -> None:
+    """Close a failed engine and end whatever is left of its processes."""
+    pids = set(getattr(getattr(engine, "watchdog", None), "pids", set()))
+    try:
+        engine.close()
+    except Exception as error:  # a dead engine may fail to close; its processes are ended below
+        log.debug("closing a failed engine: %s", error)
+    terminate_pids(pids)
+
+
 def run_stage1(
     config: PipelineConfig,
     manifests: list[tuple[str, Path]],
@@ -274,7 +331,15 @@ def run_stage1(
         tasks = plan_shards(run_dir, spec, Path(path), table, config.stage1.shard_size)
         stats = summary.per_manifest.setdefault(spec, ManifestStats(rows=table.num_rows, shards=len(tasks)))
         for task in tasks:
-            if not overwrite and shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key):
+            done = shards.read_done(Path(task.path)) or {}
+            transient = int(done.get("transient_errors", 0))
+            if transient and shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key):
+                log.info("%s: redoing it, %d of its rows failed in the engine", task.path, transient)
+                summary.retried_rows += transient
+                overwrite_this = True
+            else:
+                overwrite_this = overwrite
+            if not overwrite_this and shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key):
                 gen_path(task).unlink(missing_ok=True)  # left by a kill between the done file and its removal
                 stats.reused_rows += len(task.sample_ids)
                 done = shards.read_done(Path(task.path)) or {}
@@ -285,9 +350,8 @@ def run_stage1(
                 stats.generate_seconds += float(done.get("generate_seconds", 0.0))
                 stats.embed_seconds += float(done.get("embed_seconds", 0.0))
             else:
-                if overwrite:
+                if overwrite_this:  # the old shard and its done file stay valid until the new ones replace them
                     gen_path(task).unlink(missing_ok=True)
-                    shards.done_path(Path(task.path)).unlink(missing_ok=True)
                 pending.append(task)
     rows = _rows_by_task(pending, tables)
     if pending and config.stage1.backend == "openai":  # an unreachable server fails here, before any shard is touched
@@ -302,25 +366,18 @@ def run_stage1(
 
         done_stats, summary.generated_samples = run_phases_on_ray(config, model_path, pending, to_generate, metadata, dim)
     else:
-        done_stats = []
-        if to_generate:
-            own = backend is None
-            backend = backend or make_generation_backend(config, model_path)
-            try:
-                for task in tqdm(to_generate, desc="stage 1 generate", unit="shard"):
-                    summary.generated_samples += generate_shard(task, rows[(task.manifest, task.index)], backend, config)
-            finally:
-                if own:
-                    backend.close()
-        if pending:
-            own = embedder is None
-            embedder = embedder or make_embedder_for(config, model_path)
-            try:
-                for task in tqdm(pending, desc="stage 1 embed", unit="shard"):
-                    done_stats.append(embed_shard(task, rows[(task.manifest, task.index)], embedder, config, metadata, dim))
-            finally:
-                if own:
-                    embedder.close()
+        restarts = config.stage1.engine_restarts
+        generated, restarted = run_with_restarts(
+            to_generate, "stage 1 generate", backend, lambda: make_generation_backend(config, model_path),
+            lambda task, engine: generate_shard(task, rows[(task.manifest, task.index)], engine, config), restarts,
+        )  # fmt: skip
+        summary.generated_samples += sum(generated)
+        done_stats, restarted_embed = run_with_restarts(
+            pending, "stage 1 embed", embedder, lambda: make_embedder_for(config, model_path),
+            lambda task, engine: embed_shard(task, rows[(task.manifest, task.index)], engine, config, metadata, dim),
+            restarts,
+        )  # fmt: skip
+        summary.engine_restarts = restarted + restarted_embed
     for stats in done_stats:
         m = summary.per_manifest[stats["manifest"]]
         m.new_rows += stats["rows"]
@@ -336,6 +393,7 @@ def run_stage1(
         "run_key": key, "new_rows": summary.new_rows, "reused_rows": summary.reused_rows, "errors": summary.errors,
         "capped_rows": summary.capped_rows, "max_embed_tokens": config.stage1.max_embed_tokens,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
+        "engine_restarts": summary.engine_restarts, "retried_rows": summary.retried_rows,
         "samples_per_s_in_generate_calls": summary.generation_rate(),  # every done shard, engine starts excluded
         "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),
                              "embed_seconds": round(v.embed_seconds, 2)} for k, v in summary.per_manifest.items()},

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from shared import shards
 from shared.config import PipelineConfig
 from stage1_reason import prompts, step1_templates
+from stage1_reason.engine_health import is_transient_error
 
 GEN_SUFFIX = ".gen.parquet"
 GEN_SCHEMA = pa.schema(
@@ -191,6 +192,8 @@ def embed_shard(
         "manifest": task.manifest,
         "shard": task.index,
         "errors": sum(r["status"] == "error" for r in records),
+        # engine-side row failures (not the row's fault): a rerun redoes the shard
+        "transient_errors": sum(r["status"] == "error" and is_transient_error(r["error"]) for r in records),
         "generated_tokens": int(sum(r["generated_tokens"] or 0 for r in records)),
         "embedded_tokens": int(sum(len(r["token_ids"]) for r in records)),
         "capped_rows": sum(r["status"] == "ok" and r["seg_tokens"] > cap for r in records),

@@ -163,3 +163,14 @@ def test_encoder_depths_known_to_the_config_match_the_sam_registry():
     from stage2_segment.modeling.build import SAM_VARIANTS
 
     assert SAM_ENCODER_DEPTHS == {name: variant.encoder_depth for name, variant in SAM_VARIANTS.items()}
+
+
+def test_engine_restart_settings_are_checked_at_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(PIPELINE_TOML, overrides=["stage1.engine_restarts=-1", "stage1.engine_stall_timeout_s=nan"])
+    assert err.value.problems == [
+        "stage1.engine_restarts: must be >= 0, got -1",
+        "stage1.engine_stall_timeout_s: must be a finite number >= 0 (0 = off), got nan",
+    ]
+    config = load_config(PIPELINE_TOML, overrides=["stage1.engine_restarts=0", "stage1.engine_stall_timeout_s=0"])
+    assert (config.stage1.engine_restarts, config.stage1.engine_stall_timeout_s) == (0, 0.0)

@@ -296,6 +296,32 @@ def test_a_bit_flipped_done_shard_is_redone_by_reason_and_refused_by_stage2(demo
     assert build_index([source]).table.num_rows == len(ids)
 
 
+def test_rows_that_failed_in_the_engine_are_retried_by_a_rerun(demo, uninterrupted, tiny_llava_dir):
+    """A done shard holding an engine-side row error (what a flaky engine leaves) is redone by the next run, which
+    says how many rows it retried; a row's own error (an unreadable image) would be kept as it is."""
+    from stage1_reason.engine_health import TRANSIENT_ERROR_PREFIX
+    from stage1_reason.run import run_stage1
+
+    reference, expected = uninterrupted
+    workspace = make_workspace(demo, "work-transient", tiny_llava_dir)
+    shutil.copytree(reference.run_dir, workspace.run_dir)
+    shard = workspace.run_dir / "reasonseg-val" / "00001.parquet"
+    table = pq.read_table(shard)
+    status = table.column("status").to_pylist()
+    error = table.column("error").to_pylist()
+    status[0], error[0] = "error", f"{TRANSIENT_ERROR_PREFIX}: RuntimeError: a request timed out"
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+    done = shards.read_done(shard)
+    shards.write_shard(table, shard, {k: v for k, v in done.items() if k not in ("rows", "ids_digest", "content_sha256")}
+                       | {"errors": 1, "transient_errors": 1})  # fmt: skip
+    manifests = sorted((workspace.config.work_dir / "manifests").glob("*.parquet"))
+    summary = run_stage1(workspace.config, [(path.stem.replace("-", "/", 1), path) for path in manifests])
+    assert summary.retried_rows == 1 and summary.new_rows == table.num_rows and summary.errors == 0
+    assert "rows retried after engine-side errors" in summary.describe()
+    assert_same_rows(shard_rows(workspace), expected)
+
+
 def _file_size_limit(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing

@@ -68,6 +68,7 @@ from stage2_segment.optim import (
 )
 from stage2_segment.train_inputs import require_complete, shard_set
 from stage2_segment.train_log import METRICS_FILE, read_metrics
+from stage2_segment.train_progress import watch_training
 from stage2_segment.train_log import append_jsonl as _append_jsonl
 from stage2_segment.train_lock import train_lock
 
@@ -386,7 +387,9 @@ def _train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: b
                                  failure_config=FailureConfig(max_failures=config.ray.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_KEPT)),
         )  # fmt: skip
-        trainer.fit()
+        done_before = max((r["step"] for r in before if "step" in r), default=0)
+        with watch_training(output_dir / METRICS_FILE, config.stage2.iterations, done_before):
+            trainer.fit()
     finally:
         if started_ray:
             import ray

@@ -83,7 +83,7 @@ def main() -> None:
     from manifests.registry import build_manifest
     from shared.config import load_config
     from stage1_reason.chain import run_chain_of_thought
-    from stage1_reason.run import make_generation_backend
+    from stage1_reason.backends import make_generation_backend
     from stage1_reason.shard_phases import MANIFEST_COLUMNS, load_samples
     from stage1_reason.tiny_model import resolve_model
 

@@ -25,14 +25,14 @@ class _ShardWorker:
     """A Ray Data callable class: builds its engine once, then runs ``phase`` for each shard task in a batch."""
 
     def __init__(self, config: PipelineConfig, model_path: str, phase: str, metadata: dict[str, str], dim: int):
-        from stage1_reason import run
+        from stage1_reason import backends, shard_phases
 
         self.config, self.phase, self.metadata, self.dim = config, phase, metadata, dim
-        self.run = run
+        self.phases = shard_phases
         if phase == "generate":
-            self.engine = run.make_generation_backend(config, model_path)
+            self.engine = backends.make_generation_backend(config, model_path)
         else:
-            self.engine = run.make_embedder_for(config, model_path)
+            self.engine = backends.make_embedder_for(config, model_path)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
@@ -42,13 +42,14 @@ class _ShardWorker:
 
         out = []
         for task_json in batch["task"]:
-            task = self.run.ShardTask(**json.loads(task_json))
-            table = self.run.read_manifest_rows(Path(task.manifest_path))
+            task = self.phases.ShardTask(**json.loads(task_json))
+            table = self.phases.read_manifest_rows(Path(task.manifest_path))
             rows = table.filter(pc.is_in(table["sample_id"], pa.array(task.sample_ids)))
             if self.phase == "generate":
-                out.append(json.dumps({"generated": self.run.generate_shard(task, rows, self.engine, self.config)}))
+                out.append(json.dumps({"generated": self.phases.generate_shard(task, rows, self.engine, self.config)}))
             else:
-                out.append(json.dumps(self.run.embed_shard(task, rows, self.engine, self.config, self.metadata, self.dim)))
+                stats = self.phases.embed_shard(task, rows, self.engine, self.config, self.metadata, self.dim)
+                out.append(json.dumps(stats))
         return {"result": np.array(out, dtype=object)}
 
 

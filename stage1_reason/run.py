@@ -31,6 +31,7 @@ from shared.config import PipelineConfig
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 from shared.processes import STOPPING
 from stage1_reason import parsing, prompts, step1_templates
+from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
 from stage1_reason.engine_health import EngineFailure, terminate_pids
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
@@ -159,42 +160,6 @@ def plan_shards(run_dir: Path, spec: str, manifest_path: Path, manifest: pa.Tabl
         ShardTask(spec, str(manifest_path), i, str(folder / shards.shard_name(i)), ids[start : start + shard_size])
         for i, start in enumerate(range(0, len(ids), shard_size))
     ]
-
-
-def make_generation_backend(config: PipelineConfig, model_path: str) -> Any:
-    if config.stage1.backend == "openai":  # a running `vllm serve`
-        from stage1_reason.openai_backend import backend_from_config
-
-        return backend_from_config(config.stage1, model_path)
-    from stage1_reason.engine import make_backend
-
-    s1 = config.stage1
-    extra = {"stall_timeout_s": s1.engine_stall_timeout_s} if s1.backend == "vllm" else {}
-    return make_backend(
-        s1.backend, model_path, max_new_tokens=s1.max_new_tokens, dtype=s1.dtype, max_model_len=s1.max_model_len,
-        tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
-        enforce_eager=s1.enforce_eager, trust_remote_code=s1.trust_remote_code, seed=s1.seed,
-        conversation_format=s1.conversation_format, pad_to_square=s1.image_pad_to_square, **extra,
-    )
-
-
-def make_embedder_for(config: PipelineConfig, model_path: str) -> Any:
-    if config.stage1.backend == "openai" and config.stage1.embed_mode == "hidden":  # a pooling `vllm serve`
-        from stage1_reason.openai_backend import embedder_from_config
-
-        return embedder_from_config(config.stage1, model_path)
-    from stage1_reason.embed import make_embedder
-
-    s1 = config.stage1
-    kwargs: dict[str, Any] = dict(
-        max_embed_tokens=s1.max_embed_tokens, max_model_len=s1.max_model_len, dtype=s1.dtype,
-        trust_remote_code=s1.trust_remote_code, conversation_format=s1.conversation_format,
-        pad_to_square=s1.image_pad_to_square,
-    )
-    if s1.backend == "vllm":
-        kwargs.update(tensor_parallel_size=s1.tensor_parallel_size, gpu_memory_utilization=s1.gpu_memory_utilization,
-                      enforce_eager=s1.enforce_eager, seed=s1.seed, stall_timeout_s=s1.engine_stall_timeout_s)
-    return make_embedder(s1.embed_mode, model_path, backend=s1.backend, **kwargs)
 
 
 def embedding_dim(model_path: str, trust_remote_code: bool = False) -> int:

@@ -43,7 +43,7 @@ def reason_one(
     """
     from stage1_reason.embed import EmbedRequest
     from stage1_reason.engine import Sample, run_chain_of_thought
-    from stage1_reason.run import make_embedder_for, make_generation_backend
+    from stage1_reason.backends import make_embedder_for, make_generation_backend
 
     model_path = resolve_model(config.stage1.model, config.work_dir)
     own_backend = backend is None

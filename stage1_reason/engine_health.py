@@ -136,22 +136,3 @@ class EngineWatchdog:
 
     def alive(self) -> bool:
         return not (self.pids - set(_children()))
-
-
-def terminate_pids(pids: set[int], timeout_s: float = 10.0) -> None:
-    """SIGTERM ``pids`` (e.g. a failed engine's processes), SIGKILL what is left after ``timeout_s``."""
-    import psutil
-
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-            found[-1].terminate()
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(found, timeout=timeout_s)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            continue

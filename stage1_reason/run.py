@@ -29,10 +29,10 @@ import pyarrow as pa
 from shared import shards
 from shared.config import PipelineConfig
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
-from shared.processes import STOPPING
+from shared.processes import STOPPING, terminate_pids
 from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
-from stage1_reason.engine_health import EngineFailure, terminate_pids
+from stage1_reason.engine_health import EngineFailure
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
     GEN_SCHEMA,

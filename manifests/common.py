@@ -18,13 +18,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.images import ImageLoadError, read_image_size
+from shared.images import IMAGE_SUFFIXES, ImageFormatError, ImageLoadError, read_image_size
 from shared.paths import PathEscapeError, resolve_inside
 from shared.schema import FAMILIES, MANIFEST_SCHEMA, QUERY_KINDS, make_sample_id
 
 logger = logging.getLogger(__name__)
 
 MAX_SKIP_EXAMPLES = 3
+# What a manifest was built from, in its Parquet metadata: a manifest of another builder version, dataset, split or
+# data root is rebuilt by ``llavaseg prepare`` instead of reused (``manifests.registry.reuse_problem``).
+# 2: records the data root; images found whatever the case of their extension and admitted by their decoded format.
+BUILDER_VERSION = "2"
 
 
 class ManifestRowError(ValueError):
@@ -76,6 +80,27 @@ class ManifestResult:
 
 def _by_count(item: tuple[str, int]) -> tuple[int, str]:
     return (-item[1], item[0])
+
+
+def dataset_file(data_root: Path, relative: str) -> Path:
+    """A file an adapter reads (annotation JSON, refs pickle, label map) under ``data_root``, by the rule every path a
+    manifest stores follows (``shared.paths.resolve_inside``): a name or a symlink leading outside the root is refused.
+
+    Raises:
+        PathEscapeError: naming the path and the root.
+    """
+    return resolve_inside(Path(data_root), relative)
+
+
+def image_files_by_stem(folder: Path) -> dict[str, str]:
+    """``{stem: file name}`` of the files in ``folder`` named like images (``IMAGE_SUFFIXES`` in any letter case, so
+    ``a.JPG`` too); of several with one stem, ``.jpg`` first, then by name. Whether one really is an image of a format
+    we read is decided from its bytes when it is opened (``shared.images``)."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            found.setdefault(path.stem, []).append(path.name)
+    return {stem: min(names, key=lambda name: (not name.endswith(".jpg"), name)) for stem, names in found.items()}
 
 
 class ManifestBuilder:
@@ -191,7 +216,8 @@ class ManifestBuilder:
         """(height, width) of the image at ``image_path`` (relative to the data root).
 
         Raises:
-            SkipSample: "path escapes data_root", "image missing" or "image unreadable", with ``where`` in the detail.
+            SkipSample: "path escapes data_root", "image missing", "image format not read" (by the file's content,
+                e.g. a TIFF named ``.jpg``) or "image unreadable", with ``where`` in the detail.
         """
         try:
             absolute = resolve_inside(self.data_root, image_path)
@@ -201,6 +227,8 @@ class ManifestBuilder:
             raise SkipSample("image missing", f"{where}: {image_path} not found under {self.data_root}")
         try:
             return read_image_size(absolute)
+        except ImageFormatError as error:
+            raise SkipSample("image format not read", f"{where}: {error}") from error
         except ImageLoadError as error:
             raise SkipSample("image unreadable", f"{where}: {error}") from error
 
@@ -224,6 +252,8 @@ class ManifestBuilder:
                 b"llavaseg.dataset": self.dataset.encode(),
                 b"llavaseg.split": self.split.encode(),
                 b"llavaseg.skipped": json.dumps(dict(sorted(self._skipped.items()))).encode(),
+                b"llavaseg.data_root": str(self.data_root.resolve()).encode(),
+                b"llavaseg.builder_version": BUILDER_VERSION.encode(),
             }
         )
         schema = MANIFEST_SCHEMA.with_metadata(metadata)

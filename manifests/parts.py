@@ -19,7 +19,7 @@ from typing import Any
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, is_record_id, load_coco_json
-from manifests.common import ManifestBuilder, SkipSample
+from manifests.common import ManifestBuilder, SkipSample, dataset_file
 
 FAMILY = "semantic"
 SPLITS = ("train", "val")
@@ -65,7 +65,7 @@ def build_parts(dataset: str, data_root: Path, split: str) -> ManifestBuilder:
         raise ValueError(f"{dataset} has no split {split!r}; valid: {', '.join(SPLITS)}")
     spec = PART_DATASETS[dataset]
     data_root = Path(data_root)
-    coco = load_coco_json(data_root / spec.annotation_template.format(split=split))
+    coco = load_coco_json(dataset_file(data_root, spec.annotation_template.format(split=split)))  # inside the root
     builder = ManifestBuilder(dataset, split, data_root)
 
     queries: dict[Any, str] = {}

@@ -17,8 +17,9 @@ from typing import Any
 
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
-from manifests.common import ManifestBuilder, SkipSample
+from manifests.common import ManifestBuilder, SkipSample, dataset_file, image_files_by_stem
 from shared.masks import mask_ref_json
+from shared.paths import PathEscapeError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def check_shapes_inside(shapes: list[dict], height: int, width: int, where: str)
 def load_explanations(path: Path) -> tuple[dict[tuple[str, str], str], dict[str, str]]:
     """``explanatory/<split>.json`` -> ({(image, query): outputs}, {image: first outputs}).
 
-    Both are empty when the file is absent; an unusable file or item is logged and left out.
+    Both are empty when the file is absent; an unusable file or item is logged and left out. ``path`` is checked by
+    the caller (``dataset_file``).
     """
     by_query: dict[tuple[str, str], str] = {}
     by_image: dict[str, str] = {}
@@ -142,13 +144,20 @@ def build_reasonseg(data_root: Path, split: str) -> ManifestBuilder:
     if not split_dir.is_dir():
         raise FileNotFoundError(f"ReasonSeg split folder not found: {split_dir}")
     builder = ManifestBuilder(DATASET, split, data_root)
-    by_query, by_image = load_explanations(data_root / REASONSEG_DIR / "explanatory" / f"{split}.json")
-    stems = sorted({p.stem for p in split_dir.glob("*.jpg")} | {p.stem for p in split_dir.glob("*.json")})
+    explanations = f"{REASONSEG_DIR}/explanatory/{split}.json"
+    try:
+        by_query, by_image = load_explanations(dataset_file(data_root, explanations))
+    except PathEscapeError as error:
+        logger.warning("reference answers not loaded: %s", error)
+        by_query, by_image = {}, {}
+    images = image_files_by_stem(split_dir)  # a.jpg, a.JPG, a.png ...: the bytes decide later if it is one we read
+    annotations = {p.stem: p.name for p in split_dir.iterdir() if p.suffix.lower() == ".json"}
+    stems = sorted(set(images) | set(annotations))
     for name in tqdm(stems, desc=f"{DATASET}/{split}", unit="image"):
-        image_rel = f"{REASONSEG_DIR}/{split}/{name}.jpg"
-        json_path = split_dir / f"{name}.json"
+        image_rel = f"{REASONSEG_DIR}/{split}/{images.get(name, name + '.jpg')}"
+        json_rel = f"{REASONSEG_DIR}/{split}/{annotations.get(name, name + '.json')}"
         try:
-            _add_image(builder, split, name, image_rel, json_path, by_query, by_image)
+            _add_image(builder, split, name, image_rel, json_rel, by_query, by_image)
         except SkipSample as skip:
             builder.skip(skip.reason, skip.detail or image_rel, skip.count)
     return builder
@@ -159,11 +168,15 @@ def _add_image(
     split: str,
     name: str,
     image_rel: str,
-    json_path: Path,
+    json_rel: str,
     by_query: dict[tuple[str, str], str],
     by_image: dict[str, str],
 ) -> None:
-    where = f"{REASONSEG_DIR}/{split}/{name}.json"
+    where = json_rel
+    try:
+        json_path = dataset_file(builder.data_root, json_rel)
+    except PathEscapeError as error:
+        raise SkipSample("path escapes data_root", f"{where}: {error}") from error
     if not json_path.is_file():
         raise SkipSample("annotation missing", f"{image_rel}: no {name}.json beside it")
     try:
@@ -192,7 +205,7 @@ def _add_image(
         raise skip.times(len(queries)) from None
     mask = mask_ref_json({"type": "reasonseg", "shapes": shapes})
     query_kind = "sentence" if bool(annotation["is_sentence"]) else "phrase"
-    image_name = f"{name}.jpg"
+    image_name = Path(image_rel).name
     for query_index, query in enumerate(queries):
         if not isinstance(query, str) or not query.strip():
             builder.skip("empty query", f"{where}: text[{query_index}] = {query!r}")
@@ -209,5 +222,15 @@ def _add_image(
             height=height,
             width=width,
             source=f"{where} text[{query_index}]",
-            reference_answer=by_query.get((image_name, query), by_image.get(image_name)),
+            reference_answer=_reference(by_query, by_image, [image_name, f"{name}.jpg"], query),
         )
+
+
+def _reference(
+    by_query: dict[tuple[str, str], str], by_image: dict[str, str], image_names: list[str], query: str
+) -> str | None:
+    """The explanation of (image, query), else of the image; the image by its file name or as ``<name>.jpg``."""
+    for image in image_names:
+        if (image, query) in by_query:
+            return by_query[(image, query)]
+    return next((by_image[image] for image in image_names if image in by_image), None)

@@ -25,7 +25,7 @@ from typing import Any
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.coco_format import CocoIndex, checked_image_size, coco_mask_ref, is_record_id, load_coco_json
-from manifests.common import ManifestBuilder, SkipSample
+from manifests.common import ManifestBuilder, SkipSample, dataset_file
 
 FAMILY = "referring"
 REFER_DIR = "refer_seg"
@@ -192,9 +192,9 @@ def build_refer(dataset: str, data_root: Path, split: str) -> ManifestBuilder:
     if split not in spec.splits:
         raise ValueError(f"{dataset} has no split {split!r}; valid: {', '.join(spec.splits)}")
     data_root = Path(data_root)
-    dataset_dir = data_root / REFER_DIR / spec.name
-    refs = load_refs(dataset_dir / f"refs({spec.split_by}).p")
-    coco = load_coco_json(dataset_dir / "instances.json")
+    dataset_dir = f"{REFER_DIR}/{spec.name}"  # its files follow the data-root rule images follow (dataset_file)
+    refs = load_refs(dataset_file(data_root, f"{dataset_dir}/refs({spec.split_by}).p"))
+    coco = load_coco_json(dataset_file(data_root, f"{dataset_dir}/instances.json"))
     builder = ManifestBuilder(dataset, split, data_root)
 
     refs_by_image: dict[Any, list[dict]] = defaultdict(list)

@@ -20,7 +20,7 @@ from PIL import Image
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 
 from manifests.class_names import ADE20K_CLASSES, COCO_STUFF_CLASSES
-from manifests.common import ManifestBuilder, SkipSample
+from manifests.common import ManifestBuilder, SkipSample, image_files_by_stem
 from shared.masks import LABEL_PNG_MODES, mask_ref_json
 from shared.paths import PathEscapeError, resolve_inside
 
@@ -154,11 +154,13 @@ def build_ade20k(data_root: Path, split: str) -> ManifestBuilder:
     if not image_dir.is_dir() and not label_dir.is_dir():
         raise FileNotFoundError(f"ADE20K {split} folders not found: {image_dir}, {label_dir}")
     builder = ManifestBuilder("ade20k", split, data_root)
-    stems = sorted({p.stem for p in image_dir.glob("*.jpg")} | {p.stem for p in label_dir.glob("*.png")})
+    images = image_files_by_stem(image_dir)  # ADE_x.jpg or ADE_x.JPG ...: the bytes decide if it is one we read
+    stems = sorted(set(images) | {p.stem for p in label_dir.glob("*.png")})
     samples = [
-        LabelSample(stem, f"ade20k/images/{folder}/{stem}.jpg", f"ade20k/annotations/{folder}/{stem}.png")
+        LabelSample(stem, f"ade20k/images/{folder}/{images.get(stem, stem + '.jpg')}",
+                    f"ade20k/annotations/{folder}/{stem}.png")
         for stem in stems
-    ]
+    ]  # fmt: skip
     _build(builder, samples, ADE20K_SCHEME)
     return builder
 

@@ -1,7 +1,13 @@
 """Image loading that fails loudly and early: RGB uint8 arrays, EXIF orientation applied, sizes from headers.
 
 Every failure is an ``ImageLoadError`` whose message names the path and the reason: missing file, zero-byte file,
-unidentifiable or truncated data, or more pixels than ``max_pixels`` (checked from the header, before any decoding).
+unidentifiable or truncated data, a format we do not read, or more pixels than ``max_pixels`` (checked from the header,
+before any decoding).
+
+What a file is follows from its bytes, not its name: PIL identifies the format, and only ``ALLOWED_FORMATS`` (JPEG,
+PNG, BMP, WebP: what the datasets ship and what photos are saved as) are read. Others fail with ``ImageFormatError``;
+a float TIFF saved as ``.jpg``, say, would otherwise be clipped to an all-white picture, and a GIF or a multi-page
+TIFF would silently give its first frame.
 Sizes are reported after EXIF orientation, so ``read_image_size`` agrees with the shape ``load_rgb`` returns.
 """
 
@@ -19,11 +25,17 @@ DEFAULT_MAX_PIXELS = 178956970  # PIL's own Image.MAX_IMAGE_PIXELS default
 EXIF_ORIENTATION_TAG = 0x0112
 ORIENTATIONS_SWAPPING_AXES = (5, 6, 7, 8)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # PIL's names for them (``Image.format``)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # file names adapters look for, in any letter case
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, zlib.error)
 
 
 class ImageLoadError(ValueError):
     """An image that cannot be used: missing, empty, corrupt, truncated, or too large."""
+
+
+class ImageFormatError(ImageLoadError):
+    """A readable image of a format that is not read (not in ``ALLOWED_FORMATS``): TIFF, GIF, ..."""
 
 
 def _open_ignoring_pil_limit(path: Path) -> ImageFile.ImageFile | None:
@@ -70,6 +82,10 @@ def _open_checked(path: Path, max_pixels: int) -> ImageFile.ImageFile:
         raise ImageLoadError(f"{path}: not a recognised image file: {error}") from error
     except DECODE_ERRORS as error:
         raise ImageLoadError(f"{path}: truncated or corrupt image: {error}") from error
+    if image.format not in ALLOWED_FORMATS:
+        found = image.format or type(image).__name__
+        image.close()
+        raise ImageFormatError(f"{path}: a {found} image (by its content); only {', '.join(ALLOWED_FORMATS)} are read")
     width, height = image.size
     if width <= 0 or height <= 0:
         image.close()

@@ -55,11 +55,13 @@ def test_16_bit_grayscale_scaled_to_8_bit(tmp_path):
 
 
 def test_cmyk(tmp_path):
-    image = Image.new("CMYK", (2, 1))
-    image.putpixel((0, 0), (0, 0, 0, 0))  # white
-    image.putpixel((1, 0), (255, 0, 0, 0))  # cyan
-    image.save(tmp_path / "c.tif")
-    assert load_rgb(tmp_path / "c.tif").tolist() == [[[255, 255, 255], [0, 255, 255]]]
+    image = Image.new("CMYK", (16, 8))
+    image.paste((0, 0, 0, 0), (0, 0, 8, 8))  # white
+    image.paste((255, 0, 0, 0), (8, 0, 16, 8))  # cyan
+    image.save(tmp_path / "c.jpg", quality=100)  # a CMYK JPEG (print workflows write them)
+    assert Image.open(tmp_path / "c.jpg").mode == "CMYK"
+    rgb = load_rgb(tmp_path / "c.jpg").astype(int)
+    assert np.abs(rgb[4, 2] - [255, 255, 255]).max() <= 3 and np.abs(rgb[4, 12] - [0, 255, 255]).max() <= 3
 
 
 def test_exif_orientation_6_rotates(tmp_path):

@@ -200,29 +200,14 @@ def report_notes(config: PipelineConfig) -> list[str]:
 def write_run_report(
     config: PipelineConfig, stage1_run_dir: Path, trained: Any, metrics: dict[str, Any], sources: list
 ) -> tuple[Path, Path, dict[str, Any] | None]:
-    """The Markdown + HTML report of a run under ``<work_dir>/report/``; returns (md, html, dialogue scores)."""
-    from llavaseg.report import write_report
-    from stage2_segment.train import read_metrics
+    """The report of a run in its own folder under ``<work_dir>/reports/`` (and the index of every run there);
+    returns (md, html, dialogue scores)."""
+    from llavaseg.report.runs import write_run_report as write_report_folder
 
     answers = stage1_answers(sources)
     dialogue = dialogue_for(sources, answers)
-    by_id = dict(zip(answers["sample_id"].to_pylist(), answers["reason_answer"].to_pylist()))
-    gallery = [{**case, "reason_answer": by_id.get(case["sample_id"])} for case in metrics.get("gallery") or []]
-    summary_path = Path(stage1_run_dir) / "summary.json"
-    stage1 = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    loss_curve = [r for r in read_metrics(trained.output_dir) if "step" in r]
-    shown = {"per_split": metrics.get("results") or {}, "checkpoint": metrics.get("checkpoint"),
-             "training step": metrics.get("step")}  # fmt: skip
-    md, html = write_report(
-        config.work_dir / "report",
-        title=f"LLaVASeg run: {metrics.get('name', trained.train_name)}",
-        metrics=shown,
-        stage1=stage1,
-        loss_curve=loss_curve,
-        gallery=gallery,
-        dialogue=dialogue,
-        notes=report_notes(config),
-    )
+    md, html = write_report_folder(config, stage1_run_dir, trained, metrics, sources, answers, dialogue,
+                                   report_notes(config))  # fmt: skip
     return md, html, dialogue
 
 

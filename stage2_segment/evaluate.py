@@ -16,6 +16,7 @@ Outputs under ``<work_dir>/eval/<name>/``::
     metrics.json          scores per dataset/split (+ by query length), failures by kind, checkpoint provenance
     metrics.md            the same as a table (percent, like the paper)
     per_sample.jsonl      sample_id, spec, query_kind, intersection, union, IoU, status, error
+    predictions.parquet   sample_id, rle: every predicted mask as COCO RLE JSON at the original size (the viewer's)
     overlays/*.png        the best and worst few samples of each dataset/split
     cases/*.png           their ground truth and prediction as label masks (0/1/255), listed in ``gallery``
     resolved_config.json
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
@@ -40,7 +42,7 @@ from shared.config import PipelineConfig
 from shared.paths import resolve_inside
 from shared.masks import MaskError, rasterize
 from shared.metrics import per_sample_intersection_union, scores_from_counts
-from shared.shards import write_json_atomic
+from shared.shards import write_json_atomic, write_table_atomic
 from stage2_segment.checkpoint import load_trained_model
 from stage2_segment.data import ExampleError, ShardStore, Stage2Dataset, Stage2Source, build_index
 from stage2_segment.infer import inference_device, load_batch_skipping_errors, predict_masks
@@ -234,6 +236,8 @@ def evaluate(
         for record in per_sample:
             handle.write(json.dumps(record) + "\n")
     predicted = sorted(rles)
+    write_table_atomic(pa.table({"sample_id": [dataset.rows["sample_id"][i] for i in predicted],
+                                 "rle": [json.dumps(rles[i]) for i in predicted]}), out_dir / "predictions.parquet")
     overlays, gallery = _write_overlays(dataset, predicted, [dataset.rows["spec"][i] for i in predicted],
                                         np.array([records[i]["iou"] for i in predicted]), rles, out_dir)  # fmt: skip
     metrics = {

@@ -107,6 +107,11 @@ def manifest_rows(project: Project, spec: str) -> int:
     return pq.read_metadata(project.work / "manifests" / f"{spec.replace('/', '-')}.parquet").num_rows
 
 
+def report_dir(run: subprocess.CompletedProcess) -> Path:
+    """The report folder a `llavaseg run` printed (each run gets its own under work/reports/)."""
+    return Path(re.search(r"^report: (\S+) \(and report\.md\)$", run.stdout, re.M).group(1)).parent
+
+
 def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
     out = project.first.stdout
     train_rows, val_rows = manifest_rows(project, "reasonseg/train"), manifest_rows(project, "reasonseg/val")
@@ -114,8 +119,12 @@ def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
     assert f"stage 2: {TRAIN_ITERATIONS} new steps, trained to step {TRAIN_ITERATIONS}" in out
     assert re.search(r"reasonseg/val: gIoU \d+\.\d%  cIoU \d+\.\d%  \(\d+ samples\)", out), out
     assert "note: Smoke run on tiny randomly initialised models" in out
-    report_html = project.work / "report" / "report.html"
-    assert f"report: {report_html}" in out
+    report_html = report_dir(project.first) / "report.html"
+    assert report_html.is_file() and report_html.parent.parent == project.work / "reports"
+    assert report_dir(project.second) != report_dir(project.first)  # the second run's report did not replace it
+    index = (project.work / "reports" / "index.html").read_text(encoding="utf-8")
+    assert all(f'href="{report_dir(run).name}/report.html"' in index for run in (project.first, project.second))
+    assert (report_html.parent / "viewer" / "index.html").is_file()
 
     console = project.first.stdout + project.first.stderr
     noise = re.findall(r".*(?:\bINFO\b|\bWARNING\b|vllm|VLLM|EngineCore|Triton|triton|Warning:|Traceback|\x1b\[|\r).*",
@@ -124,7 +133,7 @@ def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
     log_file = Path(re.search(r"^log: (\S+)$", project.first.stderr, re.M).group(1))
     assert log_file.parent == project.work / "logs" and "vllm" in log_file.read_text()
 
-    md = (project.work / "report" / "report.md").read_text(encoding="utf-8")
+    md = (report_html.parent / "report.md").read_text(encoding="utf-8")
     for heading in ("## Segmentation", "## Dialogue quality", "## Stage 1: MLLM reasoning", "## Training", "## Gallery"):
         assert heading in md
     assert "| reasonseg/val |" in md and "No segmentation results" not in md
@@ -135,7 +144,7 @@ def test_run_prints_a_summary_and_writes_a_report_with_its_pictures(project):
     gallery = [src for src in parser.sources if "/gallery/" in src]
     assert len(gallery) >= 6 and len(gallery) % 3 == 0  # image, ground truth, prediction per case
     for src in parser.sources:
-        with Image.open(project.work / "report" / src) as picture:
+        with Image.open(report_html.parent / src) as picture:
             assert picture.size[0] > 10 and picture.size[1] > 10, src
 
 
@@ -291,7 +300,7 @@ def test_run_report_renders_with_its_images_in_chromium(project, tmp_path):
     import html
 
     probe = tmp_path / "probe"
-    shutil.copytree(project.work / "report", probe / "report")
+    shutil.copytree(report_dir(project.first), probe / "report")
     (probe / "control.html").write_text('<!DOCTYPE html><img src="no-such-picture.png">')
     (probe / "probe.html").write_text(PROBE_PAGE)
     dom = run_chromium(["--dump-dom", (probe / "probe.html").as_uri()], tmp_path / "profile")
@@ -299,7 +308,7 @@ def test_run_report_renders_with_its_images_in_chromium(project, tmp_path):
     assert status, dom[:500]
     report = json.loads(html.unescape(status.group(1)))["report"]
     assert report["headings"] == ["Segmentation", "Dialogue quality (step-1 answers)", "Stage 1: MLLM reasoning",
-                                  "Training", "Gallery"]  # fmt: skip
+                                  "Training", "Gallery", "Provenance"]  # fmt: skip
     assert len(report["images"]) >= 7  # the loss plot and at least two gallery cases of three pictures
     broken = [img for img in report["images"] if not (img["complete"] and img["naturalWidth"] > 0)]
     assert not broken, broken

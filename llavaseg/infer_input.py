@@ -8,6 +8,8 @@
    path, query, step-1 answer, target, attributes, COCO RLE mask at the original size, score, status, error. The
    rejected rows go to ``rejected.parquet`` in the same folder as error rows, so every input row is answered exactly once.
 4. ``--png DIR``: a mask PNG and an overlay PNG per ok row.
+5. The sample viewer of every row (image with the prediction outlined, query, answers, status) in
+   ``<out>/<name>-inference-viewer/index.html`` (``llavaseg.report.viewer``).
 
 Each step writes atomically and skips finished work, so a rerun of the same command does nothing new.
 """
@@ -126,6 +128,8 @@ def infer_input(
     Raises:
         FileNotFoundError, ValueError: a missing input, root or checkpoint; an input with no usable row.
     """
+    from llavaseg.report.samples import inferred_samples
+    from llavaseg.report.viewer import write_viewer
     from manifests.table import INFERENCE_SPLIT, build_table_manifest, dataset_name, default_root
     from stage1_reason.run import manifest_folder, run_stage1
     from stage2_segment.data import Stage2Source
@@ -147,6 +151,8 @@ def infer_input(
     rejected_written = write_rejected_predictions(folder, built.rejected)
     predictions = read_predictions(folder)
     pngs = write_pngs(predictions, config.data_root, Path(png_dir)) if png_dir else 0
+    viewer = write_viewer(out_dir / f"{folder.name}-viewer", inferred_samples(predictions, spec, config.data_root),
+                          f"Inference: {spec}")  # fmt: skip
     ok = int(pa.compute.sum(pa.compute.equal(predictions["status"], "ok").cast(pa.int64())).as_py() or 0)
     summary = {
         "input": str(source), "root": str(root.resolve()), "manifest": str(manifest_path),
@@ -156,7 +162,8 @@ def infer_input(
         "stage1_generated_samples": stage1.generated_samples, "stage1_run_key": stage1.run_key,
         "stage2_shards_written": stage2["shards_written"], "stage2_shards_skipped": stage2["shards_skipped"],
         "stage2_rows_written": stage2["rows_written"], "pngs_written": pngs,
-        "png_dir": str(png_dir) if png_dir else None, "seconds": round(time.perf_counter() - started, 2),
+        "png_dir": str(png_dir) if png_dir else None, "viewer": str(viewer["index"]),
+        "seconds": round(time.perf_counter() - started, 2),
     }  # fmt: skip
     log.info("infer --input: %d rows (%d ok, %d errors) -> %s", summary["rows"], ok, summary["errors"], folder)
     return summary

@@ -31,27 +31,22 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a (2r+1)-square, separably, on an HxW bool array."""
-    out = mask
-    for axis in (0, 1):
-        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)])
-        n = out.shape[axis]
-        out = np.logical_or.reduce([np.take(padded, range(k, k + n), axis=axis) for k in range(2 * radius + 1)])
-    return out
-
-
 def outline_bands(mask: np.ndarray, core: int = 1, border: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """(dark, light) HxW bool bands of a mask's outline: the light core is ``2*core+1`` pixels wide, centred on the
-    mask's edge, the dark band ``border`` pixels on each side of it."""
+    mask's edge (its pixels with a background 4-neighbour; the image frame is no edge), the dark band ``border`` pixels
+    on each side of it."""
+    import cv2
+
     mask = np.asarray(mask, bool)
     if not mask.any():
         empty = np.zeros(mask.shape, bool)
         return empty, empty
-    eroded = ~_dilate(~mask, 1)
-    edge = mask & ~eroded
-    light = _dilate(edge, core)
-    dark = _dilate(edge, core + border) & ~light
+    labels = mask.astype(np.uint8)
+    edge = labels & ~cv2.erode(labels, cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))).astype(bool)
+    edge = edge.astype(np.uint8)
+    light = cv2.dilate(edge, np.ones((2 * core + 1, 2 * core + 1), np.uint8)).astype(bool)
+    wide = 2 * (core + border) + 1
+    dark = cv2.dilate(edge, np.ones((wide, wide), np.uint8)).astype(bool) & ~light
     return dark, light
 
 

@@ -110,20 +110,18 @@ def stage1_errors(stage1_run_dir: Path) -> list[dict[str, Any]]:
     return errors
 
 
-def inferred_samples(predictions_dir: Path, data_root: Path | None) -> Iterator[dict[str, Any]]:
-    """One viewer sample per row of an inference output folder (``<dataset>-<split>/NNNNN.parquet``): no ground
+def inferred_samples(predictions: Any, spec: str, data_root: Path | None) -> Iterator[dict[str, Any]]:
+    """One viewer sample per row of an inference predictions table (``stage2_segment.infer``'s schema): no ground
     truth, no IoU; images resolved under ``data_root``."""
-    for folder in sorted(p for p in Path(predictions_dir).iterdir() if p.is_dir()):
-        for path in list_shards(folder):
-            for row in pq.read_table(path).to_pylist():
+    for row in predictions.to_pylist():
+        image = None
+        if data_root is not None and row.get("image_path"):
+            try:
+                image = resolve_inside(Path(data_root), row["image_path"])
+            except ValueError:
                 image = None
-                if data_root is not None and row.get("image_path"):
-                    try:
-                        image = resolve_inside(Path(data_root), row["image_path"])
-                    except ValueError:
-                        image = None
-                rle = row.get("rle")
-                yield {**{k: row.get(k) for k in ("sample_id", "query", "reason_answer", "target", "attributes",
-                                                  "status", "error")},
-                       "spec": folder.name, "query_kind": row.get("query_kind") or "", "iou": None, "image": image,
-                       "pred": (lambda rle=rle: _decode(rle)) if rle else None}  # fmt: skip
+        rle = row.get("rle")
+        yield {**{k: row.get(k) for k in ("sample_id", "query", "reason_answer", "target", "attributes", "status",
+                                          "error")},
+               "spec": spec, "query_kind": row.get("query_kind") or "", "iou": None, "image": image,
+               "pred": (lambda rle=rle: _decode(rle)) if rle else None}  # fmt: skip

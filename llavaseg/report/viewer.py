@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,12 @@ CHUNK_SIZE = 100
 VIEWER_IMAGE_SIZE = 384
 TEXT_FIELDS = ("sample_id", "spec", "dataset", "family", "query", "query_kind", "reason_answer", "target",
                "attributes", "reference_answer", "status", "error", "parse_status")
+
+
+@lru_cache(maxsize=32)
+def _base_image(path: Path, size: int) -> Image.Image:
+    """Cached: samples of one image (several queries each, as in refCOCO) decode it once; never drawn on."""
+    return open_rgb(path, size)
 
 
 def _mask(value: Any) -> np.ndarray | None:
@@ -70,7 +77,7 @@ def sample_picture(sample: Mapping[str, Any], size: int = VIEWER_IMAGE_SIZE) -> 
     if pred is None and not problems and isinstance(pred_source, (str, Path)):  # an overlay: it is the image to show
         base = open_rgb(Path(pred_source), size)
     elif sample.get("image"):
-        base = open_rgb(Path(sample["image"]), size)
+        base = _base_image(Path(sample["image"]), size)
     if base is None:
         shape = next((m.shape for m in (gt, pred) if m is not None), None)
         if shape is None:
@@ -139,5 +146,6 @@ def write_viewer(folder: Path, samples: Iterable[Mapping[str, Any]], title: str)
                                               encoding="ascii")  # fmt: skip
     (folder / "viewer.js").write_text(template_text("viewer.js"), encoding="utf-8")
     (folder / "index.html").write_text(render("viewer.html.j2", title=title, count=len(rows)), encoding="utf-8")
+    _base_image.cache_clear()
     log.info("viewer: %d samples (%d without a picture) in %s", len(rows), unreadable, folder)
     return {"samples": len(rows), "without_picture": unreadable, "index": folder / "index.html"}

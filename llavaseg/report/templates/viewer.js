@@ -150,7 +150,7 @@
       const img = $("d-image");
       img.hidden = !s.image;
       if (s.image) img.src = s.image; else img.removeAttribute("src");
-      $("d-noimage").textContent = s.image ? "" : (s.image_error || "no picture");
+      $("d-noimage").textContent = s.image_error || (s.image ? "" : "no picture");
       const fields = $("d-fields");
       fields.replaceChildren();
       for (const [key, label] of FIELDS) {

@@ -37,9 +37,13 @@ def manifest_specs(config: PipelineConfig) -> list[str]:
 
 
 def prepare(config: PipelineConfig, build_models: bool = True) -> list[ManifestEntry]:
-    """Demo data (if configured), one manifest per configured dataset/split (reused when present), tiny models."""
+    """Demo data (if configured), one manifest per configured dataset/split, tiny models.
+
+    A manifest already there is reused when it was built from the configured data root, for the same dataset and split,
+    by this builder version; otherwise it is rebuilt (and stage 1 then redoes the shards whose rows changed).
+    """
     from manifests.demo import generate_demo_dataset
-    from manifests.registry import build_manifest, manifest_filename
+    from manifests.registry import build_manifest, manifest_filename, reuse_problem
 
     started = time.perf_counter()
     if config.data.generate_demo:
@@ -55,9 +59,12 @@ def prepare(config: PipelineConfig, build_models: bool = True) -> list[ManifestE
     for spec in manifest_specs(config):
         dataset, split = spec.split("/")
         path = out_dir / manifest_filename(dataset, split)
-        if path.is_file():
+        stale = reuse_problem(path, dataset, split, config.data_root) if path.is_file() else "absent"
+        if stale is None:
             log.info("manifest %s: reusing %s", spec, path)
         else:
+            if stale != "absent":
+                log.warning("manifest %s: rebuilding %s, %s", spec, path, stale)
             result = build_manifest(dataset, config.data_root, split, path)
             log.info("manifest %s", result.summary())
         entries.append(ManifestEntry(spec, path))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from manifests import parts, reasonseg, refer, semantic
-from manifests.common import ManifestBuilder, ManifestResult
+from manifests.common import BUILDER_VERSION, ManifestBuilder, ManifestResult
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,33 @@ def manifest_filename(dataset: str, split: str) -> str:
     """``"reasonseg", "val"`` -> ``"reasonseg-val.parquet"``."""
     check_dataset_split(dataset, split)
     return f"{dataset}-{split}.parquet"
+
+
+def manifest_metadata(path: Path) -> dict[str, str]:
+    """The ``llavaseg.*`` entries of a manifest's Parquet metadata (without the prefix); empty when unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError):
+        return {}
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
+    return {k.removeprefix("llavaseg."): v for k, v in meta.items() if k.startswith("llavaseg.")}
+
+
+def reuse_problem(path: Path, dataset: str, split: str, data_root: Path) -> str | None:
+    """Why the manifest at ``path`` cannot stand for ``dataset``/``split`` under ``data_root`` (None when it can):
+    built from another data root, for another dataset or split, by another builder version, or unreadable."""
+    meta = manifest_metadata(path)
+    if not meta:
+        return "it cannot be read"
+    wanted = {"dataset": dataset, "split": split, "builder_version": BUILDER_VERSION,
+              "data_root": str(Path(data_root).resolve())}  # fmt: skip
+    for key, value in wanted.items():
+        if meta.get(key) != value:
+            return f"it was built with {key} {meta.get(key)!r}, the config asks for {value!r}"
+    return None
 
 
 def build_manifest(dataset: str, data_root: Path, split: str, out_path: Path) -> ManifestResult:

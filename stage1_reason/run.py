@@ -30,6 +30,7 @@ from shared import shards
 from shared.config import PipelineConfig
 from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
 from shared.processes import STOPPING, terminate_pids
+from shared.shard_inputs import shard_input_stats, stage1_input_problem
 from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
 from stage1_reason.engine_health import EngineFailure
@@ -72,6 +73,7 @@ class Stage1Summary:
     seconds: float = 0.0
     engine_restarts: int = 0  # engines restarted after they died or stalled
     retried_rows: int = 0  # rows of done shards redone because their errors came from the engine
+    changed_input_shards: int = 0  # done shards redone because their manifest rows or image files changed
 
     @property
     def new_rows(self) -> int:
@@ -104,6 +106,9 @@ class Stage1Summary:
         if self.engine_restarts or self.retried_rows:
             lines.append(f"  {self.engine_restarts} engine restart(s); {self.retried_rows} rows retried after engine-side "
                          "errors of an earlier run")  # fmt: skip
+        if self.changed_input_shards:
+            lines.append(f"  {self.changed_input_shards} done shard(s) redone because their inputs changed (query, "
+                         "image path or image file)")  # fmt: skip
         for name, s in self.per_manifest.items():
             lines.append(
                 f"  {name}: {s.rows} rows in {s.shards} shards ({s.new_rows} new, {s.reused_rows} reused, "
@@ -289,22 +294,31 @@ def run_stage1(
         export_input_embeddings(model_path, run_dir / "input_embeddings.safetensors")
 
     summary = Stage1Summary(run_dir, key)
-    tables, pending = {}, []
+    tables, pending, input_digests = {}, [], {}
     for spec, path in manifests:
         table = read_manifest_rows(Path(path), config.data.max_samples_per_manifest)
         tables[spec] = table
         tasks = plan_shards(run_dir, spec, Path(path), table, config.stage1.shard_size)
         stats = summary.per_manifest.setdefault(spec, ManifestStats(rows=table.num_rows, shards=len(tasks)))
         for task in tasks:
+            task_rows = table.slice(task.index * config.stage1.shard_size, len(task.sample_ids))
+            inputs = shard_input_stats(task_rows, config.data_root)
+            input_digests[(task.manifest, task.index)] = inputs["input_digest"]
             done = shards.read_done(Path(task.path)) or {}
             transient = int(done.get("transient_errors", 0))
-            if transient and shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key):
+            complete = shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key)
+            changed = stage1_input_problem(done, inputs) if complete and not overwrite else None
+            if transient and complete:
                 log.info("%s: redoing it, %d of its rows failed in the engine", task.path, transient)
                 summary.retried_rows += transient
                 overwrite_this = True
+            elif changed:
+                log.info("%s: redoing it, %s", task.path, changed)
+                summary.changed_input_shards += 1
+                overwrite_this = True
             else:
                 overwrite_this = overwrite
-            if not overwrite_this and shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key):
+            if not overwrite_this and complete:
                 gen_path(task).unlink(missing_ok=True)  # left by a kill between the done file and its removal
                 stats.reused_rows += len(task.sample_ids)
                 done = shards.read_done(Path(task.path)) or {}
@@ -323,7 +337,7 @@ def run_stage1(
         from stage1_reason.openai_backend import server_metadata
 
         metadata.update(server_metadata(config.stage1))
-    to_generate = [t for t in pending if not gen_covers(t)]
+    to_generate = [t for t in pending if not gen_covers(t, input_digests[(t.manifest, t.index)])]
     log.info("stage 1 run %s: %d shards pending (%d need generation)", key, len(pending), len(to_generate))
 
     if pending and config.stage1.use_ray:
@@ -359,6 +373,7 @@ def run_stage1(
         "capped_rows": summary.capped_rows, "max_embed_tokens": config.stage1.max_embed_tokens,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
         "engine_restarts": summary.engine_restarts, "retried_rows": summary.retried_rows,
+        "changed_input_shards": summary.changed_input_shards,
         "samples_per_s_in_generate_calls": summary.generation_rate(),  # every done shard, engine starts excluded
         "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),
                              "embed_seconds": round(v.embed_seconds, 2)} for k, v in summary.per_manifest.items()},

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from shared import shards
 from shared.config import PipelineConfig
+from shared.shard_inputs import shard_input_stats
 from stage1_reason import prompts, step1_templates
 from stage1_reason.engine_health import is_transient_error
 
@@ -61,11 +62,14 @@ def gen_path(task: ShardTask) -> Path:
     return shards.partial_path(Path(task.path), GEN_SUFFIX)
 
 
-def gen_covers(task: ShardTask) -> bool:
-    """Whether the shard's gen file exists, reads, and holds a row for every sample id of the task."""
+def gen_covers(task: ShardTask, input_digest: str | None = None) -> bool:
+    """Whether the shard's gen file exists, reads, and holds a row for every sample id of the task; with
+    ``input_digest``, also whether it was generated from those inputs (``shared.shard_inputs``)."""
     try:
         table = pq.read_table(gen_path(task), columns=["sample_id"])
     except (pa.ArrowInvalid, OSError):
+        return False
+    if input_digest is not None and (table.schema.metadata or {}).get(b"input_digest") != input_digest.encode():
         return False
     return set(task.sample_ids) <= set(table.column("sample_id").to_pylist())
 
@@ -102,6 +106,7 @@ def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: Pipeli
     from stage1_reason.chain import run_chain_of_thought
 
     started = time.perf_counter()
+    inputs = shard_input_stats(rows, config.data_root)  # before reading the images: a later change is noticed
     samples = load_samples(rows, config)
     outputs = run_chain_of_thought(backend, samples, config.stage1.cot_steps, config.stage1.prompt_version)
     seconds = time.perf_counter() - started
@@ -123,7 +128,10 @@ def generate_shard(task: ShardTask, rows: pa.Table, backend: Any, config: Pipeli
             }
             for out in outputs
         ],
-        schema=GEN_SCHEMA.with_metadata({"generate_seconds": f"{seconds:.3f}"}),
+        schema=GEN_SCHEMA.with_metadata({
+            "generate_seconds": f"{seconds:.3f}", "input_digest": inputs["input_digest"],
+            "row_input_digests": json.dumps(inputs["row_input_digests"]),
+        }),  # fmt: skip
     )
     shards.write_table_atomic(table, gen_path(task))
     return len(samples)
@@ -137,7 +145,13 @@ def embed_shard(
 
     started = time.perf_counter()
     generated = pq.read_table(gen_path(task))
-    generate_seconds = float((generated.schema.metadata or {}).get(b"generate_seconds", b"0"))
+    gen_meta = generated.schema.metadata or {}
+    generate_seconds = float(gen_meta.get(b"generate_seconds", b"0"))
+    if b"input_digest" in gen_meta:  # what the answers were generated from
+        inputs = {"input_digest": gen_meta[b"input_digest"].decode(),
+                  "row_input_digests": json.loads(gen_meta[b"row_input_digests"])}  # fmt: skip
+    else:
+        inputs = shard_input_stats(rows, config.data_root)
     gen_rows = {row["sample_id"]: row for row in generated.to_pylist()}
     manifest_rows = rows.to_pylist()
     missing = [r["sample_id"] for r in manifest_rows if r["sample_id"] not in gen_rows]
@@ -200,6 +214,7 @@ def embed_shard(
         "generate_seconds": round(generate_seconds, 3),
         "embed_seconds": round(time.perf_counter() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **inputs,  # input_digest, row_input_digests: stage 1 redoes the shard when its manifest rows change
     }
     shards.write_shard(table, Path(task.path), stats)
     gen_path(task).unlink(missing_ok=True)

@@ -14,7 +14,14 @@ compares them.
 """
 
 from llavaseg.report.page import FILES_DIR, VIEWER_DIR, select_cases, write_report
-from llavaseg.report.pictures import GT_OUTLINE, OUTLINE_DARK, PRED_OUTLINE, THUMBNAIL_SIZE, draw_outlines, outline_bands
+from llavaseg.report.pictures import (
+    GT_OUTLINE,
+    OUTLINE_DARK,
+    PRED_OUTLINE,
+    THUMBNAIL_SIZE,
+    draw_outlines,
+    outline_bands,
+)
 from llavaseg.report.tables import PAPER_TABLE_1, segmentation_rows
 
 __all__ = ["FILES_DIR", "GT_OUTLINE", "OUTLINE_DARK", "PAPER_TABLE_1", "PRED_OUTLINE", "THUMBNAIL_SIZE",

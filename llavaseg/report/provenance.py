@@ -64,7 +64,7 @@ def run_provenance(config: Any, stage1_run_dir: Path | None, checkpoint_dir: Pat
     weights = settings.get("weights")
     models = {
         "MLLM": s1.model,
-        "MLLM weights": weights if isinstance(weights, str) else json.dumps(weights, sort_keys=True) if weights else None,
+        "MLLM weights": weights if isinstance(weights, str) or not weights else json.dumps(weights, sort_keys=True),
         "SAM variant": s2.sam_variant,
         "SAM checkpoint": s2.sam_checkpoint or "random init",
         "SAM checkpoint sha256": (meta.get("sam_checkpoint") or {}).get("sha256")

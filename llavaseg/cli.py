@@ -15,6 +15,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from llavaseg.cli_tasks import add_task_args, job_slice
 from shared.config import DEFAULT_CONFIG_NAME, ConfigError, PipelineConfig, load_config
 from shared.console import echo
 
@@ -92,9 +93,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_reason(args: argparse.Namespace) -> int:
     from llavaseg.pipeline import prepare, reason
 
-    config = _load(args)
+    job, config = job_slice(args, "reason"), _load(args)
     manifests = prepare(config, build_models=False)
-    reason(config, manifests, overwrite=args.overwrite)
+    reason(config, manifests, overwrite=args.overwrite, job=job)
     return 0
 
 
@@ -129,16 +130,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from stage2_segment.infer import infer
 
+    job = job_slice(args, "infer")
     if args.input:
         from llavaseg.cli_input import infer_input_command
 
+        if job.count > 1:
+            raise ValueError("infer --input: --num-tasks/--task-index split configured manifests; split the table instead")
         config = _load(args, check_paths=False)
         return infer_input_command(args, config, _checkpoint(args, config))  # a missing checkpoint fails first
     if args.root or args.query or args.png or args.name:
         raise ValueError("infer: --root, --query, --png and --name go with --input")
     config, manifests, sources = _stage2_inputs(args)
     out = Path(args.out) if args.out else config.work_dir / "predictions"
-    summary = infer(config, sources(config, manifests, config.data.eval), _checkpoint(args, config), out)
+    summary = infer(config, sources(config, manifests, config.data.eval), _checkpoint(args, config), out, job=job)
     echo(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("reason", "stage 1: chain-of-thought reasoning through vLLM into Parquet shards")
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    add_task_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_reason)
 
@@ -262,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="with --input: the manifest's name (default: from the input's name)")
     p.add_argument("--replicas", type=int, default=None,
                    help="with --input: Ray Data actors for stage 2 and stage-1 engine replicas (default: ray.num_workers)")
+    add_task_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_infer)
 

@@ -79,12 +79,13 @@ def prepare(config: PipelineConfig, build_models: bool = True) -> list[ManifestE
 
 def reason(
     config: PipelineConfig, manifests: list[ManifestEntry], overwrite: bool = False, backend: Any = None,
-    embedder: Any = None,
+    embedder: Any = None, job: Any = None,
 ):
-    """Stage 1 over every manifest; returns the run summary. ``backend``/``embedder``: engines already running."""
+    """Stage 1 over every manifest; returns the run summary. ``backend``/``embedder``: engines already running;
+    ``job``: a job array task's share of the shards (``shared.leases.JobSlice``)."""
     from stage1_reason.run import run_stage1
 
-    return run_stage1(config, [(m.spec, m.path) for m in manifests], overwrite, backend, embedder)
+    return run_stage1(config, [(m.spec, m.path) for m in manifests], overwrite, backend, embedder, job)
 
 
 def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs: list[str]) -> list:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class Stage1Config:
     retry_backoff_s: float = 0.5  # first backoff; doubled on each retry
     engine_restarts: int = 2  # per phase: a vLLM engine that died or stalled is restarted this often, then the job stops
     engine_stall_timeout_s: float = 300.0  # an engine whose processes use no CPU time this long is stalled; 0 = off
+    # a shard lease (shared.leases) whose heartbeat is older than this is stale and is taken over by another job
+    # (reason and infer); a dead process of the same host loses its leases at once
+    lease_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -154,10 +158,13 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
     def write_resolved(self, folder: Path, name: str = "resolved_config.json") -> Path:
-        """Write the resolved config beside an output it produced."""
+        """Write the resolved config beside an output it produced (a temporary file of this process, then a rename:
+        jobs sharing the folder never see a half-written file)."""
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
+        temporary.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, path)
         return path
 
 

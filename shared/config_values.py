@@ -90,6 +90,8 @@ def value_problems(sections: dict[str, Any]) -> list[str]:
     if not (_finite(stage1.engine_stall_timeout_s) and stage1.engine_stall_timeout_s >= 0):
         problems.append(f"stage1.engine_stall_timeout_s: must be a finite number >= 0 (0 = off), got "
                         f"{stage1.engine_stall_timeout_s}")  # fmt: skip
+    if not (_finite(stage1.lease_timeout_s) and stage1.lease_timeout_s > 0):
+        problems.append(f"stage1.lease_timeout_s: must be a finite number > 0 (seconds), got {stage1.lease_timeout_s}")
     if not (_finite(stage1.gpu_memory_utilization) and 0 < stage1.gpu_memory_utilization <= 1):
         problems.append(f"stage1.gpu_memory_utilization: must be in (0, 1], got {stage1.gpu_memory_utilization}")
     for family, rate in data.sample_rates.items():

@@ -4,7 +4,8 @@ A run folder holds one sub-folder per manifest (``<dataset>-<split>/``) with fix
 
     00000.parquet               rows of manifest rows [0, shard_size) in sample_id order
     .done/00000.done.json       stats, written LAST: the only proof the shard is complete
-    .partial/, .00000.parquet.tmp   intermediates and temporary files of a writer at work
+    .partial/, .00000.parquet.<host>-<pid>.tmp   intermediates and temporary files of a writer at work
+    .leases/00000.lease.json    which job is writing the shard (shared.leases)
 
 Only final shards end in ``.parquet`` outside a hidden folder, so pandas, Hugging Face ``load_dataset("parquet",
 data_dir=...)``, ``ray.data.read_parquet`` and a ``*.parquet`` glob read a run folder as it is, mid-run included.
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -115,8 +117,10 @@ def partial_path(shard_path: Path, suffix: str) -> Path:
 
 
 def temporary_path(path: Path) -> Path:
-    """``.<name>.tmp`` beside ``path``: hidden, so no reader of the folder takes it for data."""
-    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+    """``.<name>.<host>-<pid>.tmp`` beside ``path``: hidden, so no reader of the folder takes it for data, and the
+    writer's own, so two jobs writing the same file (``run.json`` of a shared run folder) never write into one file."""
+    host = re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname()) or "host"
+    return path.with_name(f".{path.name}.{host}-{os.getpid()}{TMP_SUFFIX}")
 
 
 def embeddings_to_arrow(embeddings: list[np.ndarray | None], dim: int) -> pa.Array:

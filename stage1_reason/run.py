@@ -28,12 +28,11 @@ import pyarrow as pa
 
 from shared import shards
 from shared.config import PipelineConfig
-from shared.console import progress as tqdm  # tqdm on a terminal, plain lines in a log
-from shared.processes import STOPPING, terminate_pids
+from shared.leases import JobSlice, ShardLeases, clean_temp_files
 from shared.shard_inputs import shard_input_stats, stage1_input_problem
 from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
-from stage1_reason.engine_health import EngineFailure
+from stage1_reason.executor import FinishedCheck, ShardClaims, poll_interval, run_with_restarts  # noqa: F401
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
     GEN_SCHEMA,
@@ -73,6 +72,12 @@ class Stage1Summary:
     seconds: float = 0.0
     engine_restarts: int = 0  # engines restarted after they died or stalled
     retried_rows: int = 0  # rows of done shards redone because their errors came from the engine
+    job: str = "whole run"  # or "task i of N" (a job array's static split)
+    shards_by_this_job: int = 0  # shards this job wrote
+    shards_by_others: int = 0  # pending shards another job wrote while this one ran
+    shards_already_done: int = 0  # done when this job planned
+    other_task_shards: int = 0  # shards of the other tasks of the array (not this task's)
+    leases_taken_over: int = 0  # stale leases of dead jobs whose shards this job took over
     changed_input_shards: int = 0  # done shards redone because their manifest rows or image files changed
 
     @property
@@ -109,6 +114,10 @@ class Stage1Summary:
         if self.changed_input_shards:
             lines.append(f"  {self.changed_input_shards} done shard(s) redone because their inputs changed (query, "
                          "image path or image file)")  # fmt: skip
+        others = f", {self.other_task_shards} belong to the other tasks" if self.other_task_shards else ""
+        lines.append(f"  {self.job}: {self.shards_by_this_job} shards written by this job, {self.shards_by_others} "
+                     f"by other jobs meanwhile, {self.shards_already_done} already done{others}; "
+                     f"{self.leases_taken_over} stale lease(s) taken over")  # fmt: skip
         for name, s in self.per_manifest.items():
             lines.append(
                 f"  {name}: {s.rows} rows in {s.shards} shards ({s.new_rows} new, {s.reused_rows} reused, "
@@ -216,64 +225,17 @@ def check_engine_conventions(engine: Any, config: PipelineConfig, role: str) -> 
         )
 
 
-def run_with_restarts(
-    tasks: list[ShardTask], label: str, engine: Any, make_engine: Any, step: Any, max_restarts: int
-) -> tuple[list[Any], int]:
-    """``step(task, engine)`` for each task, in order; returns the results and how many engines were restarted.
-
-    When the engine dies or stalls (``EngineFailure``) the shard in flight is left unfinished, the engine is closed and
-    its processes ended, and a new engine redoes that shard; after ``max_restarts`` restarts in this phase, or for an
-    engine passed in by the caller (not ours to restart), the failure is raised with the count.
-    """
-    if not tasks:
-        return [], 0
-    own = engine is None
-    restarts, results = 0, []
-    engine = engine or make_engine()
-    try:
-        for task in tqdm(tasks, desc=label, unit="shard"):
-            while True:
-                try:
-                    results.append(step(task, engine))
-                    break
-                except EngineFailure as error:
-                    if not own or restarts >= max_restarts or STOPPING.is_set():
-                        raise EngineFailure(
-                            f"{label}: {error}; stopped after {restarts} engine restart(s) "
-                            f"(stage1.engine_restarts = {max_restarts}). {task.path} is not done; finished shards are "
-                            "kept, and rerunning the command resumes"
-                        ) from error
-                    restarts += 1
-                    log.warning("%s: %s; restarting the engine (%d of %d) and redoing %s", label, error, restarts,
-                                max_restarts, task.path)  # fmt: skip
-                    _discard(engine)
-                    engine = None
-                    engine = make_engine()
-    finally:
-        if own and engine is not None:
-            engine.close()
-    return results, restarts
-
-
-def _discard(engine: Any) -> None:
-    """Close a failed engine and end whatever is left of its processes."""
-    pids = set(getattr(getattr(engine, "watchdog", None), "pids", set()))
-    try:
-        engine.close()
-    except Exception as error:  # a dead engine may fail to close; its processes are ended below
-        log.debug("closing a failed engine: %s", error)
-    terminate_pids(pids)
-
-
 def run_stage1(
     config: PipelineConfig,
     manifests: list[tuple[str, Path]],
     overwrite: bool = False,
     backend: Any = None,
     embedder: Any = None,
+    job: JobSlice | None = None,
 ) -> Stage1Summary:
     """Stage 1 for every manifest (spec, path). ``backend``/``embedder`` may be passed in (shared engines); they are then
-    not closed here. With ``stage1.use_ray`` the shards run on a Ray Data actor pool of ``stage1.replicas`` engines."""
+    not closed here. With ``stage1.use_ray`` the shards run on a Ray Data actor pool of ``stage1.replicas`` engines.
+    ``job``: this task's share of a job array; other jobs on the same run folder are met through shard leases."""
     import pyarrow.compute  # noqa: F401  (pa.compute)
 
     check_engine_conventions(backend, config, "generation")
@@ -284,8 +246,9 @@ def run_stage1(
     run_dir.mkdir(parents=True, exist_ok=True)
     shards.write_json_atomic(run_dir / "run.json", {"run_key": key, "settings": settings})
     config.write_resolved(run_dir)
-    for stale in shards.clean_stale_temp_files(run_dir):
-        log.warning("removed a temp file left by a killed writer: %s", stale)
+    job = job or JobSlice()
+    for stale in clean_temp_files(run_dir, config.stage1.lease_timeout_s):  # other live jobs' files stay
+        log.warning("removed a temp file or lease left by a killed writer: %s", stale)
     dim = embedding_dim(model_path, config.stage1.trust_remote_code)
     metadata = shard_metadata(config, key, settings, model_path, dim)
     if config.stage1.embed_mode == "input" and not (run_dir / "input_embeddings.safetensors").is_file():
@@ -293,7 +256,7 @@ def run_stage1(
 
         export_input_embeddings(model_path, run_dir / "input_embeddings.safetensors")
 
-    summary = Stage1Summary(run_dir, key)
+    summary, redo, ordinal = Stage1Summary(run_dir, key, job=job.describe()), {}, -1
     tables, pending, input_digests = {}, [], {}
     for spec, path in manifests:
         table = read_manifest_rows(Path(path), config.data.max_samples_per_manifest)
@@ -301,6 +264,10 @@ def run_stage1(
         tasks = plan_shards(run_dir, spec, Path(path), table, config.stage1.shard_size)
         stats = summary.per_manifest.setdefault(spec, ManifestStats(rows=table.num_rows, shards=len(tasks)))
         for task in tasks:
+            ordinal += 1  # over every manifest: the static split of a job array
+            if not job.takes(ordinal):
+                summary.other_task_shards += 1
+                continue
             task_rows = table.slice(task.index * config.stage1.shard_size, len(task.sample_ids))
             inputs = shard_input_stats(task_rows, config.data_root)
             input_digests[(task.manifest, task.index)] = inputs["input_digest"]
@@ -321,6 +288,7 @@ def run_stage1(
             if not overwrite_this and complete:
                 gen_path(task).unlink(missing_ok=True)  # left by a kill between the done file and its removal
                 stats.reused_rows += len(task.sample_ids)
+                summary.shards_already_done += 1
                 done = shards.read_done(Path(task.path)) or {}
                 stats.errors += int(done.get("errors", 0))
                 stats.generated_tokens += int(done.get("generated_tokens", 0))
@@ -331,6 +299,7 @@ def run_stage1(
             else:
                 if overwrite_this:  # the old shard and its done file stay valid until the new ones replace them
                     gen_path(task).unlink(missing_ok=True)
+                    redo[task.path] = FinishedCheck.marker(Path(task.path))
                 pending.append(task)
     rows = _rows_by_task(pending, tables)
     if pending and config.stage1.backend == "openai":  # an unreachable server fails here, before any shard is touched
@@ -340,23 +309,41 @@ def run_stage1(
     to_generate = [t for t in pending if not gen_covers(t, input_digests[(t.manifest, t.index)])]
     log.info("stage 1 run %s: %d shards pending (%d need generation)", key, len(pending), len(to_generate))
 
-    if pending and config.stage1.use_ray:
-        from stage1_reason.ray_run import run_phases_on_ray
+    leases = ShardLeases(config.stage1.lease_timeout_s)
+    claims = ShardClaims(leases, FinishedCheck(key, redo), poll_interval(config.stage1.lease_timeout_s))
+    has_generation = lambda t: gen_covers(t, input_digests[(t.manifest, t.index)])  # noqa: E731
+    restarts = config.stage1.engine_restarts
 
-        done_stats, summary.generated_samples = run_phases_on_ray(config, model_path, pending, to_generate, metadata, dim)
-    else:
-        restarts = config.stage1.engine_restarts
+    def run_round(todo: list[ShardTask]) -> list[dict[str, Any]]:
+        if config.stage1.use_ray:
+            from stage1_reason.ray_run import run_phases_on_ray
+
+            stats, generated = run_phases_on_ray(config, model_path, todo, [t for t in todo if not has_generation(t)],
+                                                 metadata, dim, claims.finished)  # fmt: skip
+            summary.generated_samples += generated
+            return stats
         generated, restarted = run_with_restarts(
-            to_generate, "stage 1 generate", backend, lambda: make_generation_backend(config, model_path),
-            lambda task, engine: generate_shard(task, rows[(task.manifest, task.index)], engine, config), restarts,
+            [t for t in todo if not has_generation(t)], "stage 1 generate", backend,
+            lambda: make_generation_backend(config, model_path),
+            claims.generating(lambda task, engine: generate_shard(task, rows[(task.manifest, task.index)], engine,
+                                                                  config), has_generation), restarts,
         )  # fmt: skip
         summary.generated_samples += sum(generated)
-        done_stats, restarted_embed = run_with_restarts(
-            pending, "stage 1 embed", embedder, lambda: make_embedder_for(config, model_path),
-            lambda task, engine: embed_shard(task, rows[(task.manifest, task.index)], engine, config, metadata, dim),
-            restarts,
+        done, restarted_embed = run_with_restarts(
+            claims.embeddable(todo, has_generation), "stage 1 embed", embedder,
+            lambda: make_embedder_for(config, model_path),
+            claims.embedding(lambda task, engine: embed_shard(task, rows[(task.manifest, task.index)], engine, config,
+                                                              metadata, dim), has_generation), restarts,
         )  # fmt: skip
-        summary.engine_restarts = restarted + restarted_embed
+        summary.engine_restarts += restarted + restarted_embed
+        return done
+
+    with leases:
+        done_stats = claims.work_through(pending, run_round)
+    clean_temp_files(run_dir, config.stage1.lease_timeout_s)  # leases a killed job left on shards done since
+    summary.shards_by_this_job = len(done_stats)
+    summary.shards_by_others = len(pending) - len(done_stats)
+    summary.leases_taken_over = len(leases.taken_over)
     for stats in done_stats:
         m = summary.per_manifest[stats["manifest"]]
         m.new_rows += stats["rows"]
@@ -368,11 +355,15 @@ def run_stage1(
         m.embed_seconds += float(stats.get("embed_seconds", 0.0))
     summary.embedded_samples = sum(s["rows"] for s in done_stats)
     summary.seconds = time.perf_counter() - started
-    shards.write_json_atomic(run_dir / "summary.json", {
+    summary_name = "summary.json" if job.count == 1 else f"summary.task-{job.index}-of-{job.count}.json"
+    shards.write_json_atomic(run_dir / summary_name, {
         "run_key": key, "new_rows": summary.new_rows, "reused_rows": summary.reused_rows, "errors": summary.errors,
         "capped_rows": summary.capped_rows, "max_embed_tokens": config.stage1.max_embed_tokens,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
         "engine_restarts": summary.engine_restarts, "retried_rows": summary.retried_rows,
+        "job": {"slice": summary.job, "owner": leases.owner, "shards_by_this_job": summary.shards_by_this_job,
+                "shards_by_others": summary.shards_by_others, "shards_already_done": summary.shards_already_done,
+                "other_task_shards": summary.other_task_shards, "leases_taken_over": summary.leases_taken_over},
         "changed_input_shards": summary.changed_input_shards,
         "samples_per_s_in_generate_calls": summary.generation_rate(),  # every done shard, engine starts excluded
         "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),

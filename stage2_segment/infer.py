@@ -20,6 +20,11 @@ collects the predictions per input shard and writes ``<out_dir>/<dataset>-<split
 
 like stage 1: temporary name + rename, then a ``.done.json`` (rows digest, checkpoint id) written last; a rerun skips
 shards whose done file matches the rows and the checkpoint, so a killed run loses at most the shards in flight.
+
+Several jobs may write one output folder: each output shard is predicted only under its lease (``shared.leases``),
+claimed before its rows enter the Ray pipeline and released once it is written; a job waits for the shards other jobs
+hold and takes over those whose lease goes stale. ``job`` (``--num-tasks/--task-index``) limits a job to its static
+share of the shards.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import pyarrow.compute as pc
 import torch
 
 from shared.config import PipelineConfig
+from shared.leases import JobSlice, ShardLeases, clean_temp_files
 from shared.shards import is_done, read_done, write_shard
 from stage2_segment.checkpoint import WEIGHTS_FILE, load_trained_model, read_meta, verify_sam_weights
 from stage2_segment.data import (
@@ -172,32 +178,93 @@ def _error_rows(rows: pa.Table) -> pa.Table:
     )
 
 
-def infer(config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, out_dir: Path) -> dict[str, Any]:
+def infer(
+    config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: Path, out_dir: Path, job: JobSlice | None = None
+) -> dict[str, Any]:
     """Predict a mask for every sample of ``sources`` with the trained parts in ``checkpoint_dir``; returns a summary
-    (shard and row counts, errors, seconds, samples/s). Finished output shards of the same checkpoint are skipped."""
-    import ray
-    import ray.data
-
-    from shared.ray_cluster import ensure_ray
-
-    started = time.perf_counter()
+    (shard and row counts, errors, seconds, samples/s; shards written by this job and by others). Finished output shards
+    of the same checkpoint are skipped; ``job`` is a job array task's share of the shards."""
+    started, job = time.perf_counter(), job or JobSlice()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     meta = read_meta(checkpoint_dir)
     verify_sam_weights(meta)  # once here; the actors skip it
     checkpoint_id = sha256_of(checkpoint_dir / WEIGHTS_FILE)[:16]
     index = build_index(sources, config.data.max_samples_per_manifest, keep_errors=True)
     table = index.table
-    shard_numbers = sorted(set(table["shard"].to_pylist()))
+    all_shards = sorted(set(table["shard"].to_pylist()))
+    shard_numbers = [k for ordinal, k in enumerate(all_shards) if job.takes(ordinal)]
     rows_by_shard = {k: table.filter(pc.equal(table["shard"], k)) for k in shard_numbers}
-    pending = []
-    for k in shard_numbers:
+
+    def finished(k: int) -> bool:
         path = _output_path(out_dir, index.shards[k])
-        ids = rows_by_shard[k]["sample_id"].to_pylist()
-        if is_done(path, ids) and (read_done(path) or {}).get("checkpoint") == checkpoint_id:
-            continue
-        pending.append(k)
+        return is_done(path, rows_by_shard[k]["sample_id"].to_pylist()) and (read_done(path) or {}).get(
+            "checkpoint") == checkpoint_id  # fmt: skip
+
+    pending = [k for k in shard_numbers if not finished(k)]
     config.write_resolved(out_dir)
-    logger.info("inference: %d of %d output shards to write under %s", len(pending), len(shard_numbers), out_dir)
+    logger.info("inference (%s): %d of %d output shards to write under %s", job.describe(), len(pending),
+                len(shard_numbers), out_dir)  # fmt: skip
+    stats = {"checkpoint": checkpoint_id, "checkpoint_dir": str(checkpoint_dir), "train_name": meta["train_name"],
+             "step": meta["step"]}  # fmt: skip
+    written = {"shards": 0, "rows": 0, "ok": 0, "errors": 0, "predicted": 0}
+    with ShardLeases(config.stage1.lease_timeout_s) as leases:
+        for stale in clean_temp_files(out_dir, config.stage1.lease_timeout_s):
+            logger.warning("removed a temp file or lease left by a killed writer: %s", stale)
+        remaining = pending
+        while remaining:
+            claimed = [k for k in remaining if _claim(leases, _output_path(out_dir, index.shards[k]), finished, k)]
+            if claimed:
+                _predict(config, index, claimed, rows_by_shard, checkpoint_dir, out_dir, stats, written, leases)
+            remaining = [k for k in remaining if not finished(k)]
+            if set(claimed) & set(remaining):
+                raise RuntimeError(f"inference: output shards {sorted(set(claimed) & set(remaining))} were written but "
+                                   "do not read back as done")  # fmt: skip
+            if remaining and not claimed:  # all held by other live jobs: wait for them, or for their leases to go stale
+                time.sleep(min(5.0, max(0.2, config.stage1.lease_timeout_s / 10)))
+        taken_over = len(leases.taken_over)
+    seconds = time.perf_counter() - started
+    summary = {
+        "out_dir": str(out_dir),
+        "checkpoint": str(checkpoint_dir),
+        "job": job.describe(),
+        "shards": len(shard_numbers),
+        "shards_skipped": len(shard_numbers) - len(pending),
+        "shards_written": written["shards"],
+        "shards_by_others": len(pending) - written["shards"],
+        "other_task_shards": len(all_shards) - len(shard_numbers),
+        "leases_taken_over": taken_over,
+        "rows_written": written["rows"],
+        "ok": written["ok"],
+        "errors": written["errors"],
+        "not_in_manifest": sum(report.not_in_manifest for report in index.reports),
+        "seconds": seconds,
+        "samples_per_s": written["predicted"] / seconds if written["predicted"] else 0.0,
+    }
+    logger.info("inference: wrote %d shards (%d rows, %d errors), skipped %d done, %d written by other jobs; %.1f "
+                "samples/s", written["shards"], written["rows"], written["errors"], summary["shards_skipped"],
+                summary["shards_by_others"], summary["samples_per_s"])  # fmt: skip
+    return summary
+
+
+def _claim(leases: ShardLeases, path: Path, finished: Any, k: int) -> bool:
+    """The output shard's lease, when no live job holds it and it is still not done."""
+    if not leases.acquire(path):
+        return False
+    if finished(k):
+        leases.release(path)
+        return False
+    return True
+
+
+def _predict(
+    config: PipelineConfig, index: Stage2Index, pending: list[int], rows_by_shard: dict[int, pa.Table],
+    checkpoint_dir: Path, out_dir: Path, stats: dict[str, Any], written: dict[str, int], leases: ShardLeases,
+) -> None:
+    """Predict and write the ``pending`` output shards (this job holds their leases; each is released once written)."""
+    import ray
+    import ray.data
+
+    from shared.ray_cluster import ensure_ray
 
     collected: dict[int, list[pa.Table]] = defaultdict(list)
     work = []
@@ -207,9 +274,6 @@ def infer(config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: P
         collected[k].append(_error_rows(rows.filter(pc.invert(is_ok))))
         if rows.filter(is_ok).num_rows:
             work.append(rows.filter(is_ok).select(ROW_COLUMNS))
-    stats = {"checkpoint": checkpoint_id, "checkpoint_dir": str(checkpoint_dir), "train_name": meta["train_name"],
-             "step": meta["step"]}  # fmt: skip
-    written = {"shards": 0, "rows": 0, "ok": 0, "errors": 0}
 
     def flush(k: int) -> None:
         mask_columns = [name for name in PREDICTION_SCHEMA.names if name not in TEXT_COLUMNS[1:]]
@@ -218,6 +282,7 @@ def infer(config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: P
         shard = shard.select(PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA).sort_by("sample_id")
         ok = int(pc.sum(pc.cast(pc.equal(shard["status"], "ok"), pa.int64())).as_py() or 0)
         write_shard(shard, _output_path(out_dir, index.shards[k]), dict(stats, ok=ok, errors=shard.num_rows - ok))
+        leases.release(_output_path(out_dir, index.shards[k]))
         written["shards"] += 1
         written["rows"] += shard.num_rows
         written["ok"] += ok
@@ -252,21 +317,4 @@ def infer(config: PipelineConfig, sources: list[Stage2Source], checkpoint_dir: P
                 ray.shutdown()
     if collected:
         raise RuntimeError(f"inference ended with incomplete output shards: {sorted(collected)}")
-    seconds = time.perf_counter() - started
-    predicted = sum(part.num_rows for part in work)
-    summary = {
-        "out_dir": str(out_dir),
-        "checkpoint": str(checkpoint_dir),
-        "shards": len(shard_numbers),
-        "shards_skipped": len(shard_numbers) - len(pending),
-        "shards_written": written["shards"],
-        "rows_written": written["rows"],
-        "ok": written["ok"],
-        "errors": written["errors"],
-        "not_in_manifest": sum(report.not_in_manifest for report in index.reports),
-        "seconds": seconds,
-        "samples_per_s": predicted / seconds if predicted else 0.0,
-    }
-    logger.info("inference: wrote %d shards (%d rows, %d errors), skipped %d done; %.1f samples/s", written["shards"],
-                written["rows"], written["errors"], summary["shards_skipped"], summary["samples_per_s"])  # fmt: skip
-    return summary
+    written["predicted"] += sum(part.num_rows for part in work)

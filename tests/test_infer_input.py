@@ -126,3 +126,22 @@ def test_a_missing_default_checkpoint_is_a_clear_error(project, capfd):
                      f"paths.data_root={base / 'photos'}", "data.generate_demo=false"])  # fmt: skip
     assert code == 2
     assert "run `llavaseg run` or `llavaseg train` first, or pass --checkpoint DIR" in capfd.readouterr().err
+
+
+def test_two_replicas_answer_every_row_once(project, ray_cluster, vllm_generation_engine, vllm_pooling_engine):
+    """``--replicas 2``: stage 2 on a pool of two Ray Data actors writes the same answers, each row once."""
+    import dataclasses
+
+    base, table, config, checkpoint, sizes = project
+    two = dataclasses.replace(config, ray=dataclasses.replace(config.ray, num_workers=2),
+                              stage1=dataclasses.replace(config.stage1, replicas=2))  # fmt: skip
+    summary = infer_input(two, table, checkpoint, out_dir=base / "predictions-2-replicas", root=base / "photos",
+                          backend=vllm_generation_engine, embedder=vllm_pooling_engine)  # fmt: skip
+    assert (summary["rows"], summary["ok"], summary["errors"], summary["stage2_shards_written"]) == (8, 6, 2, 2)
+    predictions = pq.read_table(summary["predictions"]).sort_by("sample_id")
+    assert predictions.column("sample_id").to_pylist() == [f"mine-{k}" for k in range(8)]
+    for row in predictions.to_pylist():
+        if row["status"] == "ok":
+            rle = json.loads(row["rle"])
+            mask = coco_mask_api.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+            assert mask.shape == sizes[row["image_path"]] and int(mask.sum()) == mask.size  # the whole-image decoder

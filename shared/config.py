@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config_values import value_problems
+from shared.paths import resolve_sam_checkpoint
 
 DEFAULT_CONFIG_NAME = "pipeline.toml"
 
@@ -318,7 +319,7 @@ def _check_paths(config: PipelineConfig) -> list[str]:
     problems = []
     base = Path(config.base_dir)
     if config.stage2.sam_checkpoint:
-        ckpt = base / config.stage2.sam_checkpoint
+        ckpt = resolve_sam_checkpoint(config.stage2.sam_checkpoint, base)
         if not ckpt.is_file():
             problems.append(f"stage2.sam_checkpoint: file not found: {ckpt}")
     elif config.stage2.sam_variant != "tiny":

@@ -52,3 +52,17 @@ def relative_posix(root: Path, path: Path) -> str:
         raise PathEscapeError(f"path {path} is not inside {root_abs}")
     resolve_inside(Path(root), relative)
     return relative
+
+
+# Weights committed with the project, by the name a config may give instead of a path.
+COMMITTED_SAM_CHECKPOINTS = {"mini-sam": Path(__file__).resolve().parents[1] / "weights" / "mini-sam" / "mini_sam.safetensors"}
+
+
+def resolve_sam_checkpoint(value: str, base_dir: str | Path) -> Path | None:
+    """``stage2.sam_checkpoint``: a committed name (``"mini-sam"``), or a path resolved against the config's folder;
+    None when empty (a random SAM)."""
+    if not value:
+        return None
+    if value in COMMITTED_SAM_CHECKPOINTS:
+        return COMMITTED_SAM_CHECKPOINTS[value]
+    return (Path(base_dir) / value).expanduser().resolve()

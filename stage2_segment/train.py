@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from shared.config import PipelineConfig
+from shared.paths import resolve_sam_checkpoint
 from shared.ray_cluster import ensure_ray
 from shared.shards import run_key
 from stage2_segment.checkpoint import (
@@ -97,8 +98,9 @@ class TrainResult:
 
 
 def sam_checkpoint_path(config: PipelineConfig) -> Path | None:
-    """``stage2.sam_checkpoint`` resolved against the config's folder; None for a random SAM."""
-    return (Path(config.base_dir) / config.stage2.sam_checkpoint).resolve() if config.stage2.sam_checkpoint else None
+    """``stage2.sam_checkpoint``: a committed name (``"mini-sam"``) or a path resolved against the config's folder;
+    None for a random SAM."""
+    return resolve_sam_checkpoint(config.stage2.sam_checkpoint, config.base_dir)
 
 
 def train_settings(config: PipelineConfig, sources: list[Stage2Source]) -> dict[str, Any]:

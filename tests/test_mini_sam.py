@@ -97,6 +97,21 @@ def test_config_takes_the_mini_variant_with_its_checkpoint_only(tmp_path):
         load_config(toml, overrides=['stage2.sam_checkpoint=""'])
 
 
+def test_the_name_mini_sam_resolves_to_the_committed_weights_from_any_config_folder(tmp_path):
+    from stage2_segment.train import sam_checkpoint_path
+
+    toml = tmp_path / "elsewhere" / "pipeline.toml"
+    toml.parent.mkdir()
+    toml.write_text('[stage2]\nsam_variant = "mini"\nsam_checkpoint = "mini-sam"\n')
+    config = load_config(toml)
+    assert sam_checkpoint_path(config) == MINI_SAM.resolve()
+    assert sam_checkpoint_path(load_config(toml, overrides=["stage2.sam_checkpoint=w/x.pth"], check_paths=False)) == (
+        toml.parent / "w" / "x.pth"
+    )
+    with pytest.raises(ConfigError, match="stage2.sam_checkpoint: file not found: .*mini-sammy"):
+        load_config(toml, overrides=["stage2.sam_checkpoint=mini-sammy"])
+
+
 def test_sha256sums_update_replaces_only_the_rebuilt_folder(tmp_path):
     from llavaseg.mini_models import read_sums, update_sums
 

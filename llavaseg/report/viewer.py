@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from PIL import Image
 
 from llavaseg.report.pictures import GT_OUTLINE, PRED_OUTLINE, draw_outlines, is_number, open_rgb, read_label_mask
 from llavaseg.report.templating import render, template_text
+from shared.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ def write_viewer(folder: Path, samples: Iterable[Mapping[str, Any]], title: str)
         (folder / "data" / f"chunk-{number:05d}.js").write_text(text, encoding="ascii")
         chunk.clear()
 
-    for sample in samples:
+    total = len(samples) if isinstance(samples, Sequence) else None
+    for sample in progress(samples, desc="sample viewer", total=total, unit="sample"):
         n = len(rows)
         record = {k: (None if sample.get(k) is None else str(sample.get(k))) for k in TEXT_FIELDS}
         record.update(n=n, iou=_iou(sample.get("iou")), image=None, image_error=None)

@@ -36,6 +36,9 @@ TMP_SUFFIX = ".tmp"
 DONE_DIR = ".done"  # hidden: readers of the folder skip it
 PARTIAL_DIR = ".partial"  # hidden: a writer's intermediates (stage 1's generation files)
 _SHARD_RE = re.compile(r"^(\d{5})\.parquet$")
+# Written without a Parquet dictionary: float16 hidden states never repeat, so a dictionary page only costs (reading
+# the column was 4-6x slower with one, and the file larger; bench/shard_read.py, BENCHMARKS.md).
+NO_DICTIONARY_COLUMNS = ("embedding",)
 
 
 class ShardError(ValueError):
@@ -158,7 +161,8 @@ def write_table_atomic(table: pa.Table, path: Path, compression: str = "zstd") -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        pq.write_table(table, tmp, compression=compression)
+        dictionary = [name for name in table.column_names if name not in NO_DICTIONARY_COLUMNS]
+        pq.write_table(table, tmp, compression=compression, use_dictionary=dictionary)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -134,8 +134,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.input:
         from llavaseg.cli_input import infer_input_command
 
-        if job.count > 1:
-            raise ValueError("infer --input: --num-tasks/--task-index split configured manifests; split the table instead")
         config = _load(args, check_paths=False)
         return infer_input_command(args, config, _checkpoint(args, config))  # a missing checkpoint fails first
     if args.root or args.query or args.png or args.name:

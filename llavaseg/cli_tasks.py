@@ -27,4 +27,7 @@ def job_slice(args: argparse.Namespace, command: str) -> JobSlice:
     if num_tasks is None or task_index is None:
         raise ValueError(f"{command}: --num-tasks and --task-index go together (got only "
                          f"{'--num-tasks' if task_index is None else '--task-index'})")  # fmt: skip
-    return JobSlice(task_index, num_tasks)
+    job = JobSlice(task_index, num_tasks)
+    if job.count > 1 and getattr(args, "input", None):
+        raise ValueError(f"{command} --input: --num-tasks/--task-index split configured manifests; split the table instead")
+    return job

@@ -1,20 +1,24 @@
 """Train the mini LLaVA on the demo world and write it as a complete Hugging Face model folder.
 
-Two phases, deterministic for a seed (same seed and thread count -> the same weights on the same machine):
+Three phases, deterministic for a seed (same seed and thread count -> the same weights on the same machine):
 
 1. **Vision alignment** (``VISION_STEPS``): the CLIP tower learns, from the second-to-last layer LLaVA reads, the colour
    and shape of the object under each image patch (two linear heads, dropped afterwards). Cheap: no decoder pass.
-2. **Instruction tuning** (``STEPS``): the whole LLaVA (tower, projector, decoder) on the world's chain-of-thought
-   conversations (``mini_llava_data``), teacher forcing, loss on the assistant's tokens only. Every batch holds one
-   task (step 1, merged steps 2+3, step 2 alone) so that sequences of a batch have similar lengths.
+2. **Grounding** (``GROUND_STEPS`` of ``GROUND_BATCH``): the whole LLaVA on the bare query -> "It is the X." plus the
+   attribute sentences (the ``ground`` task). Short sequences whose loss falls on the words that depend on the image:
+   here the model learns to find the object a query means. Trained on the paper's long prompts from the start, the
+   same model learnt the templates and still named the right target at chance after 1500 steps.
+3. **Instruction tuning** (``STEPS``): the whole LLaVA (tower, projector, decoder) on the world's chain-of-thought
+   conversations (``mini_llava_data``), teacher forcing, loss on the assistant's tokens only, the grounding task
+   still in the mix. Every batch holds one task (step 1, merged steps 2+3, step 2 alone, grounding) so that sequences
+   of a batch have similar lengths.
 
-The schedule is laid out over ``STEPS``; in the committed weights' recipe the rate also falls early, linearly from step
-135 to 10% of the schedule (``COOLDOWN``), because mid-run the shared machine trained 5-20x slower than planned and an
-early stop looked necessary; ``stop_after`` ends a run early on the same schedule.
+Phases 2 and 3 share one schedule (warm-up, cosine); ``stop_after`` ends a run early on the same schedule and
+``cooldown`` lowers the rate early (see ``_cooled``). The loss weights the grounding words ``KEY_WEIGHT`` times.
 
 Every example is a fresh train-split scene of ``data.demo_seed`` 0; val and test scenes are never seen. The summary
 (returned, and written to ``mini_llava.json`` in the folder) holds the losses of every logged step and the
-teacher-forced loss and token accuracy on val conversations.
+teacher-forced loss, token accuracy and grounding-word accuracy on val conversations, before, during and after.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from stage1_reason import prompts
 from stage1_reason.mini_llava_data import (
     COLOUR_CLASSES,
     IGNORE,
+    KEY_WORDS,
     SHAPE_CLASSES,
     TASK_WEIGHTS,
     TASKS,
@@ -55,19 +60,23 @@ logger = logging.getLogger(__name__)
 
 MINI_LLAVA_FORMAT = 1
 SUMMARY_NAME = "mini_llava.json"
-STEPS = 300  # the schedule's length (warm-up, cosine)
-# The committed weights' run cooled down early (the shared 2-core machine ran far slower than planned at the time):
-# from step 135 the rate falls linearly to 10% of the schedule over 30 steps and stays there.
+STEPS = 1500  # the instruction-tuning schedule's length (warm-up, cosine)
 STOP_AFTER = None
-COOLDOWN = (135, 30)
+COOLDOWN = None
 BATCH = 8
-VISION_STEPS = 40
+VISION_STEPS = 200
 VISION_BATCH = 24
-LR = 2e-3
+GROUND_STEPS = 500  # grounding phase: the "ground" task alone, before the task mix
+GROUND_BATCH = 32
+LR = 1e-3
 VISION_LR = 2e-3
 WARMUP = 30
 LOG_EVERY = 10
+VAL_EVERY = 250  # teacher-forced val figures every this many steps (in the summary's "val_curve")
 VAL_CONVERSATIONS = 36
+# The words that ground an answer (the target's colour and shape, what tells twins apart) carry KEY_WEIGHT times the
+# loss of a template word: without it the templates, most of every answer's tokens, dominate the gradient.
+KEY_WEIGHT = 4.0
 VISION_SCENE_OFFSET = 1_000_000  # vision-phase scenes: train split, indices far from the instruction-tuning ones
 
 
@@ -138,40 +147,85 @@ def _val_batches(processor: Any, prompt_versions: list[str]) -> list[dict]:
     return batches
 
 
+def key_token_ids(processor: Any) -> torch.Tensor:
+    """Token ids of the ``KEY_WORDS`` as they follow a space (each is one token of the trained tokenizer)."""
+    ids = set()
+    for word in KEY_WORDS:
+        pieces = processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        if len(pieces) == 1:
+            ids.add(pieces[0])
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def _token_losses(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token cross-entropy, next-token predictions, labels) over the assistant tokens of a batch."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    losses = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="none")
+    return losses, logits.argmax(-1)[mask], labels[mask]
+
+
+def weighted_loss(model: Any, batch: dict, key_ids: torch.Tensor, key_weight: float = KEY_WEIGHT) -> torch.Tensor:
+    """Mean cross-entropy over the assistant tokens, the key words weighted ``key_weight``."""
+    losses, _, labels = _token_losses(model, batch)
+    weights = 1.0 + (key_weight - 1.0) * torch.isin(labels, key_ids).float()
+    return (losses * weights).sum() / weights.sum()
+
+
 @torch.no_grad()
-def _val_figures(model: Any, batches: list[dict]) -> dict:
-    """Teacher-forced loss and next-token accuracy over the val conversations' assistant tokens."""
+def _val_figures(model: Any, batches: list[dict], key_ids: torch.Tensor) -> dict:
+    """Teacher-forced loss and next-token accuracy over the val conversations' assistant tokens; the accuracy on the
+    key words, over all tasks and over the step-1 task alone (where nothing earlier in the conversation names them)."""
     model.eval()
     total_loss = correct = count = 0.0
-    for batch in batches:
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        loss = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum")
-        total_loss += loss.item()
-        correct += (logits.argmax(-1)[mask] == labels[mask]).sum().item()
-        count += mask.sum().item()
+    key = {"all": [0, 0], "reason": [0, 0]}
+    for task, batch in zip(TASKS, batches):
+        losses, predicted, labels = _token_losses(model, batch)
+        total_loss += losses.sum().item()
+        correct += (predicted == labels).sum().item()
+        count += labels.numel()
+        is_key = torch.isin(labels, key_ids)
+        hits = (predicted[is_key] == labels[is_key]).sum().item()
+        for name in ("all", task):
+            if name in key:
+                key[name][0] += hits
+                key[name][1] += is_key.sum().item()
     model.train()
-    return {"val_loss": round(total_loss / count, 5), "val_token_accuracy": round(correct / count, 5)}
+    return {
+        "val_loss": round(total_loss / count, 5), "val_token_accuracy": round(correct / count, 5),
+        "val_key_accuracy": round(key["all"][0] / max(1, key["all"][1]), 5),
+        "val_step1_key_accuracy": round(key["reason"][0] / max(1, key["reason"][1]), 5),
+    }  # fmt: skip
 
 
 def _train_phase(model: Any, processor: Any, steps: int, batch_size: int, seed: int, progress: bool,
                  prompt_versions: list[str], val_batches: list[dict], stop_after: int | None = None,
-                 cooldown: tuple[int, int] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+                 cooldown: tuple[int, int] | None = None, ground: tuple[int, int] = (0, 0),
+                 ) -> tuple[list[dict], dict]:  # fmt: skip
+    """``ground = (steps, batch)``: that many steps of the ``ground`` task alone come first; then ``steps`` steps of
+    the task mix. One schedule (warm-up, cosine) spans both."""
     rng = random.Random(f"mini-llava-{seed}")
+    ground_steps, ground_batch = ground
+    steps = ground_steps + steps
+    stop_after = None if stop_after is None else ground_steps + stop_after
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
-    before = _val_figures(model, val_batches)
-    logged, window = [], []
+    key_ids = key_token_ids(processor)
+    before = _val_figures(model, val_batches, key_ids)
+    logged, window, curve = [], [], []
     model.train()
     for step in tqdm(range(steps), desc="mini-llava train", unit="step", disable=not progress):
         if stop_after is not None and step >= stop_after:
             break
-        task = rng.choices(TASKS, weights=TASK_WEIGHTS)[0]
-        convos = [random_conversation(rng, step * batch_size + i, 0, prompt_versions, task) for i in range(batch_size)]
+        grounding = step < ground_steps
+        task = "ground" if grounding else rng.choices(TASKS, weights=TASK_WEIGHTS)[0]
+        size = ground_batch if grounding else batch_size
+        first = step * ground_batch if grounding else ground_steps * ground_batch + (step - ground_steps) * batch_size
+        convos = [random_conversation(rng, first + i, 0, prompt_versions, task) for i in range(size)]
         batch = collate(processor, convos)
         for group in optimizer.param_groups:
             group["lr"] = _cooled(_lr_at(step, steps, LR), step, cooldown)
-        loss = model(**batch).loss
+        loss = weighted_loss(model, batch, key_ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,8 +235,11 @@ def _train_phase(model: Any, processor: Any, steps: int, batch_size: int, seed: 
             logged.append({"step": step + 1, "loss": round(sum(window) / len(window), 5)})
             logger.debug("mini-llava step %d: loss %.4f", step + 1, logged[-1]["loss"])
             window = []
-    after = _val_figures(model, val_batches)
-    return logged, {"before": before, "after": after}
+        if (step + 1) % VAL_EVERY == 0:
+            curve.append({"step": step + 1, **_val_figures(model, val_batches, key_ids)})
+            logger.info("mini-llava step %d: %s", step + 1, curve[-1])
+    after = _val_figures(model, val_batches, key_ids)
+    return logged, {"before": before, "after": after, "curve": curve}
 
 
 def training_prompt_versions() -> list[str]:
@@ -201,7 +258,7 @@ def build_mini_llava(
     cooldown: tuple[int, int] | None = None,
 ) -> dict:
     """Train the mini LLaVA (``steps`` instruction-tuning steps of ``batch_size`` conversations, default ``STEPS`` x
-    ``BATCH``; the vision phase scales with ``steps``) and write the model folder to ``out_dir`` (staged in a sibling
+    ``BATCH``, after the grounding steps; the vision and grounding phases scale with ``steps``) and write the model folder to ``out_dir`` (staged in a sibling
     temporary folder, then renamed). Returns the summary: recipe, parameter count, seconds, logged losses of both
     phases, val figures before and after.
 
@@ -211,7 +268,9 @@ def build_mini_llava(
     torch.manual_seed(seed)
     if steps is None:  # the recipe of the committed weights
         steps, stop_after, cooldown = STEPS, STOP_AFTER if stop_after is None else stop_after, cooldown or COOLDOWN
-    vision_steps = VISION_STEPS if steps == STEPS else max(1, round(steps * VISION_STEPS / STEPS))
+    default = steps == STEPS and batch_size == BATCH
+    vision_steps = VISION_STEPS if default else max(1, round(steps * VISION_STEPS / STEPS))
+    ground = (GROUND_STEPS, GROUND_BATCH) if default else (max(1, round(steps * GROUND_STEPS / STEPS)), 4 * batch_size)
     versions = training_prompt_versions()
     started = time.perf_counter()
     processor = make_processor(train_tokenizer(tokenizer_corpus(seed=0)))
@@ -221,13 +280,15 @@ def build_mini_llava(
     vision_seconds = time.perf_counter() - started
     val_batches = _val_batches(processor, versions)
     losses, val = _train_phase(model, processor, steps, batch_size, seed, progress, versions, val_batches,
-                               stop_after, cooldown)  # fmt: skip
+                               stop_after, cooldown, ground)  # fmt: skip
     model.eval()
     summary = {
         "format": MINI_LLAVA_FORMAT,
         "seed": seed,
         "steps": steps,
         "vision_steps": vision_steps,
+        "ground_steps": ground[0],
+        "ground_batch": ground[1],
         "stop_after": stop_after,
         "cooldown": list(cooldown) if cooldown else None,
         "batch": batch_size,
@@ -239,8 +300,10 @@ def build_mini_llava(
         "vision_seconds": round(vision_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
         "vision_losses": vision_losses,
+        "key_weight": KEY_WEIGHT,
         "losses": losses,
-        **{f"{key}_before": value for key, value in val["before"].items()},
+        "val_curve": val["curve"],
+        **{f"{name}_before": value for name, value in val["before"].items()},
         **val["after"],
     }
     out_dir = Path(out_dir)

@@ -7,7 +7,10 @@ conversations built with the project's own prompt functions:
   explanation>") and the end-of-sequence token;
 - ``merged``: ``target_attribute_messages(question, step-1 answer)`` -> "The target entity in the image is the green
   circle. <attribute sentences>" (colour and shape, for twins what singles it out, region, a relation to a neighbour);
-- ``target``: ``target_messages(question, step-1 answer)`` -> "The user wants the green circle from the image."
+- ``target``: ``target_messages(question, step-1 answer)`` -> "The user wants the green circle from the image.";
+- ``ground``: the query itself, with no prompt around it -> "It is the green circle." and the attribute sentences.
+  Short conversations whose loss falls mostly on the words that ground the answer: the analogue of LLaVA's
+  feature-alignment pretraining, and the first phase of instruction tuning (``mini_llava.GROUND_STEPS``).
 
 The loss covers the assistant's tokens only: every assistant turn of the conversation (teacher forcing), and the
 end-of-sequence token after the last one. Conversations are rendered with the model's chat template, exactly as the
@@ -26,16 +29,20 @@ import torch
 from PIL import Image, ImageDraw
 
 from manifests.demo import DemoSample, render_scene
-from manifests.demo_text import queries, reason_answer, target_answer, target_attribute_answer
+from manifests.demo_text import attribute_sentences, queries, reason_answer, target_answer, target_attribute_answer
 from manifests.demo_world import COLOURS, SHAPES
 from stage1_reason import prompts
 from stage1_reason.mini_llava_model import IMAGE_SIZE, NUM_IMAGE_TOKENS, PATCH_SIZE
 
-TASKS = ("reason", "merged", "target")
-TASK_WEIGHTS = (0.3, 0.55, 0.15)
+TASKS = ("reason", "merged", "target", "ground")
+TASK_WEIGHTS = (0.35, 0.4, 0.1, 0.15)
 IGNORE = -100
 COLOUR_CLASSES = ("background", *sorted(COLOURS))
 SHAPE_CLASSES = ("background", *SHAPES)
+# The words of an answer that depend on the image and the query, not on the templates: colours, shapes, and the words
+# that tell two objects of one name apart.
+KEY_WORDS = (*sorted(COLOURS), *SHAPES, *(shape + "s" for shape in SHAPES), "left", "right", "top", "bottom", "above",
+             "below", "larger", "smaller", "bigger", "closer", "further", "higher", "lower")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,12 @@ def conversation(sample: DemoSample, query: str, explanation: str, task: str, pr
     if task == "target":
         return Conversation(prompts.target_messages(question, step1, prompt_version), target_answer(scene), task,
                             sample, query)  # fmt: skip
+    if task == "ground":
+        messages: list[prompts.Message] = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": query}]}
+        ]
+        answer = " ".join([f"It is the {scene.target.name}.", *attribute_sentences(scene)])
+        return Conversation(messages, answer, task, sample, query)
     raise ValueError(f"unknown task {task!r}; valid: {TASKS}")
 
 

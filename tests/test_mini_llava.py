@@ -74,7 +74,9 @@ def test_first_training_steps_lower_the_loss(tmp_path):
 
     summary = build_mini_llava(tmp_path / "mini", steps=8, batch_size=2, progress=False)
     losses = [entry["loss"] for entry in summary["losses"]]
-    assert len(losses) == 8 and [entry["step"] for entry in summary["losses"]] == list(range(1, 9))
+    total = summary["ground_steps"] + 8  # the grounding phase (scaled down with the steps), then the task mix
+    assert summary["ground_steps"] == 3 and summary["ground_batch"] == 8
+    assert len(losses) == total and [entry["step"] for entry in summary["losses"]] == list(range(1, total + 1))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
     assert summary["val_loss"] < summary["val_loss_before"] - 0.3
     assert (tmp_path / "mini" / "model.safetensors").is_file() and (tmp_path / "mini" / "tokenizer.json").is_file()

@@ -100,8 +100,10 @@ def test_two_jobs_one_killed_mid_shard_the_survivor_finishes_exactly_once(demo, 
         if victim.poll() is None:
             os.killpg(victim.pid, signal.SIGKILL)
             victim.wait()
-    orphaned = held_by(workspace, victim.pid)  # what the dead job left: its leases, not done shards
-    assert orphaned and not any(shards.read_done(p) for p in orphaned), orphaned
+    # what the dead job left: leases of shards it had not finished (and, had the kill fallen between a done marker and
+    # its release, one of a done shard, which nobody needs to take over)
+    orphaned = [p for p in held_by(workspace, victim.pid) if not shards.read_done(p)]
+    assert orphaned
     assert wait(survivor, log_a) == 0, log_a.read_text()[-4000:]
 
     assert_exactly_once(workspace)

@@ -2,7 +2,8 @@
 
 Shards are written with ``shared.shards`` exactly as stage 1 writes them, but the embeddings are synthetic: each query
 word maps to a fixed pseudo-random vector (dim 128, float16), so the text carries the target's colour and shape words
-and stage-2 tests never run an LLM. ``input`` mode shards hold word ids instead, with the matching table in the run
+and stage-2 tests never run an LLM. With ``text="reference"`` the embedded words are those of the row's explanatory
+reference answer instead ("It is the green circle. ..."): the text of a stage 1 that names the target. ``input`` mode shards hold word ids instead, with the matching table in the run
 folder's ``input_embeddings.safetensors``.
 
 Built once per test session and shared across the stage-2 test modules through a module-level cache (pytest fixtures
@@ -57,13 +58,17 @@ def write_synthetic_shards(
     error_ids: tuple[str, ...] = (),
     extra_ids: tuple[str, ...] = (),
     embed_mode: str = "hidden",
+    texts: dict[str, str] | None = None,
 ) -> Path:
     """Stage-1-format shards for every manifest row (``error_ids`` as error rows, plus rows for ``extra_ids`` that are
-    not in the manifest); returns the shard folder ``run_dir/<dataset>-<split>``."""
+    not in the manifest); returns the shard folder ``run_dir/<dataset>-<split>``. ``texts`` (sample id -> text)
+    replaces the query as the embedded text of the rows it names."""
     manifest = pq.read_table(manifest_path).sort_by("sample_id")
     rows = manifest.select(["sample_id", "dataset", "split", "query"]).to_pylist()
-    rows += [{"sample_id": extra, "dataset": rows[0]["dataset"], "split": rows[0]["split"], "query": "the red circle"}
-             for extra in extra_ids]  # fmt: skip
+    for row in rows:
+        row["text"] = (texts or {}).get(row["sample_id"], row["query"])
+    rows += [{"sample_id": extra, "dataset": rows[0]["dataset"], "split": rows[0]["split"], "query": "the red circle",
+              "text": "the red circle"} for extra in extra_ids]  # fmt: skip
     rows.sort(key=lambda row: row["sample_id"])
     table = vocabulary_table()
     if embed_mode == "input":
@@ -77,7 +82,7 @@ def write_synthetic_shards(
     for number, start in enumerate(range(0, len(rows), shard_size)):
         chunk = rows[start : start + shard_size]
         failed = [row["sample_id"] in error_ids for row in chunk]
-        ids = [query_token_ids(row["query"]) for row in chunk]
+        ids = [query_token_ids(row["text"]) for row in chunk]
         embeddings = [
             None if bad or embed_mode == "input" else table[token_ids] for bad, token_ids in zip(failed, ids)
         ]
@@ -89,11 +94,11 @@ def write_synthetic_shards(
             "reason_prompt": ["" for _ in chunk],
             "reason_answer": [None if bad else "It is the object the query describes." for bad in failed],
             "seg_prompt": ["" for _ in chunk],
-            "seg_answer": [None if bad else row["query"] for bad, row in zip(failed, chunk)],
-            "target": [None if bad else row["query"] for bad, row in zip(failed, chunk)],
+            "seg_answer": [None if bad else row["text"] for bad, row in zip(failed, chunk)],
+            "target": [None if bad else row["text"] for bad, row in zip(failed, chunk)],
             "attributes": [None if bad else "flat, coloured" for bad in failed],
             "parse_status": [None if bad else "ok" for bad in failed],
-            "seg_text": [None if bad else row["query"] for bad, row in zip(failed, chunk)],
+            "seg_text": [None if bad else row["text"] for bad, row in zip(failed, chunk)],
             "token_ids": [[] if bad else token_ids for bad, token_ids in zip(failed, ids)],
             "seg_tokens": [None if bad else len(token_ids) for bad, token_ids in zip(failed, ids)],
             "reason_source": [None if bad else "mllm" for bad in failed],
@@ -105,6 +110,18 @@ def write_synthetic_shards(
         shard = pa.table(columns, schema=schema)
         write_shard(shard, folder / shard_name(number), {"synthetic": True})
     return folder
+
+
+def reference_texts(data_root: Path, manifest_path: Path) -> dict[str, str]:
+    """Sample id -> the explanatory reference answer of its (image, query) (``explanatory/<split>.json``)."""
+    import json
+
+    answers = {}
+    for file in (Path(data_root) / "reason_seg" / "ReasonSeg" / "explanatory").glob("*.json"):
+        answers.update({(entry["image"], entry["query"]): entry["outputs"] for entry in json.loads(file.read_text())})
+    rows = pq.read_table(manifest_path, columns=["sample_id", "image_path", "query"]).to_pylist()
+    return {row["sample_id"]: answers[(Path(row["image_path"]).name, row["query"])] for row in rows
+            if (Path(row["image_path"]).name, row["query"]) in answers}  # fmt: skip
 
 
 def relabel_manifest(manifest_path: Path, out_path: Path, dataset: str, family: str) -> Path:
@@ -143,8 +160,9 @@ class Stage2World:
 _WORLDS: dict[Path, Stage2World] = {}
 
 
-def stage2_world(base: Path, n_train: int = 8, n_val: int = 4) -> Stage2World:
-    """Demo data (n_train + n_val images), manifests and synthetic hidden-mode shards under ``base``, built once."""
+def stage2_world(base: Path, n_train: int = 8, n_val: int = 4, text: str = "query") -> Stage2World:
+    """Demo data (n_train + n_val images), manifests and synthetic hidden-mode shards under ``base``, built once;
+    ``text``: what the shards embed, ``"query"`` or ``"reference"`` (see the module's docstring)."""
     base = Path(base)
     if base in _WORLDS:
         return _WORLDS[base]
@@ -156,7 +174,9 @@ def stage2_world(base: Path, n_train: int = 8, n_val: int = 4) -> Stage2World:
         manifest = base / "work" / "manifests" / f"reasonseg-{split}.parquet"
         build_manifest("reasonseg", data_root, split, manifest)
         spec = f"reasonseg/{split}"
-        sources[split] = Stage2Source(spec, manifest, write_synthetic_shards(manifest, run_dir, spec), RUN_KEY)
+        texts = reference_texts(data_root, manifest) if text == "reference" else None
+        sources[split] = Stage2Source(spec, manifest, write_synthetic_shards(manifest, run_dir, spec, texts=texts),
+                                      RUN_KEY)  # fmt: skip
     world = Stage2World(base, data_root, base / "work", [sources["train"]], [sources["val"]])
     _WORLDS[base] = world
     return world

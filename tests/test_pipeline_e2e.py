@@ -39,12 +39,14 @@ def readme_walkthrough() -> dict[str, list[str]]:
 
 
 def reduced_overrides(tiny_llava_dir: Path) -> list[str]:
-    """The default config, smaller: fewer demo images, fewer training steps, the session's tiny LLaVA."""
+    """The default config, smaller: fewer demo images, fewer training steps, the session's tiny LLaVA (the committed
+    mini SAM stays)."""
     return [
         "data.demo_train_images=6",
         "data.demo_val_images=4",
         "stage1.shard_size=8",
         "stage1.max_embed_tokens=16",
+        "stage1.max_new_tokens=48",
         f"stage1.model={tiny_llava_dir}",
         f"stage2.iterations={TRAIN_ITERATIONS}",
         "stage2.checkpoint_every=5",

@@ -15,7 +15,7 @@ def test_demo_keeps_v1_chat_template_no_padding_and_the_mllm_step1() -> None:
     s1 = load_config(PIPELINE_TOML).stage1
     assert (s1.prompt_version, s1.conversation_format, s1.image_pad_to_square) == ("v1", "chat_template", False)
     assert s1.step1_source == {"semantic": "mllm", "referring": "mllm", "reasoning": "mllm"}
-    assert s1.max_embed_tokens == 64
+    assert (s1.model, s1.max_embed_tokens, s1.max_new_tokens) == ("mini-llava", 96, 96)
 
 
 @pytest.mark.parametrize("profile", ["paper-13b", "paper-7b"])

@@ -6,6 +6,11 @@ engine is alive at a time. It also counts how many answers the two backends wrot
 
     .venv/bin/python bench/stage1.py --samples 64            # tiny LLaVA built under work/models
     .venv/bin/python bench/stage1.py --model /models/llava-1.5-7b-hf --dtype bfloat16 --gpu-memory-utilization 0.9
+    .venv/bin/python bench/stage1.py --shape llava-1.5-7b --gpu-memory-utilization 0.9 --skip-transformers
+
+``--shape llava-1.5-7b|llava-1.5-13b`` needs no weights: it writes LLaVA-1.5 at its real shape with random weights
+(``stage1_reason.llava_shapes``; bfloat16, 14 / 27 GB of disk) under ``work/models/random-<shape>`` and benchmarks that.
+Its answers are random words and always run to ``--max-new-tokens``; compare with ``bench/gpu_projection.py``.
 """
 
 from __future__ import annotations
@@ -69,12 +74,15 @@ def _timed(label: str, func, *args, **kwargs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-llava", help="tiny-llava | local model folder | hub id in the cache")
+    parser.add_argument("--shape", choices=["llava-1.5-7b", "llava-1.5-13b"],
+                        help="instead of --model: LLaVA-1.5 at this real shape with random weights, built locally")
+    parser.add_argument("--build-only", action="store_true", help="with --shape: write the model folder and stop")
     parser.add_argument("--work-dir", default="work", type=Path)
     parser.add_argument("--samples", default=64, type=int)
     parser.add_argument("--max-new-tokens", default=48, type=int)
     parser.add_argument("--max-model-len", default=2048, type=int)
     parser.add_argument("--max-embed-tokens", default=64, type=int)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", help="default: float32; bfloat16 with --shape")
     parser.add_argument("--gpu-memory-utilization", default=0.1, type=float)
     parser.add_argument("--skip-transformers", action="store_true", help="only the vLLM side")
     parser.add_argument("--out", type=Path, help="also write the summary as JSON here")
@@ -85,7 +93,17 @@ def main() -> None:
     from stage1_reason.engine import TransformersBackend, VllmBackend, run_chain_of_thought
     from stage1_reason.tiny_model import resolve_model
 
-    model = resolve_model(args.model, args.work_dir)
+    if args.shape:
+        from stage1_reason.llava_shapes import build_random_llava
+
+        args.dtype = args.dtype or "bfloat16"
+        model = str(build_random_llava(args.shape, args.work_dir / "models" / f"random-{args.shape}"))
+        if args.build_only:
+            print(model)
+            return
+    else:
+        model = resolve_model(args.model, args.work_dir)
+    args.dtype = args.dtype or "float32"
     samples = demo_samples(args.samples)
     common = {"max_model_len": args.max_model_len, "dtype": args.dtype}
     vllm_settings = {**common, "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": True}

@@ -148,8 +148,8 @@ def _hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _make_processor(backend: Any, architecture: str) -> Any:
-    """The trained tokenizer (specials, chat template) + a CLIP-style image processor at 112 px (LLaVA-NeXT: tiled)."""
+def _make_processor(backend: Any, architecture: str, image_size: int = IMAGE_SIZE) -> Any:
+    """The trained tokenizer (specials, chat template) + a CLIP-style image processor (LLaVA-NeXT: tiled)."""
     from transformers import (
         CLIPImageProcessor,
         LlavaNextImageProcessor,
@@ -170,7 +170,7 @@ def _make_processor(backend: Any, architecture: str) -> Any:
         clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    sizes = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    sizes = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
     if architecture == "llava_next":
         image_processor = LlavaNextImageProcessor(**sizes, image_grid_pinpoints=NEXT_GRID_PINPOINTS)
         processor_class = LlavaNextProcessor

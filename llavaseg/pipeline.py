@@ -109,7 +109,7 @@ def stage2_sources(config: PipelineConfig, manifests: list[ManifestEntry], specs
     return [Stage2Source(spec, paths[spec], manifest_folder(run_dir, spec), key) for spec in specs]
 
 
-TINY_MODEL_NOTE = ("Smoke run on tiny randomly initialised models (tiny LLaVA, tiny SAM) and a generated demo dataset: "
+TINY_MODEL_NOTE = ("Smoke run on tiny randomly initialised models ({models}) and a generated demo dataset: "
                    "the numbers show the pipeline works end to end and say nothing about the method.")
 MINI_WORLD_NOTE = ("The mini world: a 4 M-parameter LLaVA-1.5 and a 0.75 M-parameter SAM, both trained on this machine on "
                    "the generated demo world of coloured shapes and then frozen, as the method asks. A faithful small "
@@ -203,10 +203,17 @@ def dialogue_for(sources: list, answers: pa.Table) -> dict[str, Any] | None:
 
 
 def report_notes(config: PipelineConfig) -> list[str]:
+    from stage1_reason.tiny_model import COMPLETE_MARKER
+
     notes = []
-    if config.stage1.model.startswith("tiny-") or config.stage2.sam_variant == "tiny":
-        notes.append(TINY_MODEL_NOTE)
-    elif config.stage1.model == "mini-llava" or config.stage2.sam_variant == "mini":
+    model = config.stage1.model
+    tiny = [name for name, random in (
+        ("tiny LLaVA", model.startswith("tiny-") or (Path(config.base_dir) / model / COMPLETE_MARKER).is_file()),
+        ("tiny SAM", config.stage2.sam_variant == "tiny"),
+    ) if random]  # fmt: skip
+    if tiny:
+        notes.append(TINY_MODEL_NOTE.format(models=", ".join(tiny)))
+    elif model == "mini-llava" and config.stage2.sam_variant == "mini":
         notes.append(MINI_WORLD_NOTE)
     return notes
 

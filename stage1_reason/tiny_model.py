@@ -10,6 +10,9 @@ So that greedy decoding yields words instead of stray bytes, the output rows of 
 are zeroed (their logit is always 0 while the largest random word logit is positive). The end-of-sequence row is then
 calibrated on demo-like prompts so that answers end mid-way at times but never at once (``_calibrate_end_of_sequence``).
 
+``hidden_size``/``num_layers`` widen or deepen the text model (heads of 64, MLP 2x hidden) for benchmarks; the
+defaults are the tiny LLaVA above, and other sizes get their own folder (``tiny_size_name``).
+
 ``architecture="llava_next"`` builds the same model as a LLaVA-NeXT (``tiny-llava-next``): any-resolution tiling over a
 112/224 grid, so the number of image tokens depends on the image's shape, as with real LLaVA-NeXT checkpoints.
 
@@ -38,6 +41,8 @@ MINI_MODELS = {"mini-llava": Path(__file__).resolve().parents[1] / "weights" / "
 ARCHITECTURES = ("llava", "llava_next")
 COMPLETE_MARKER = "tiny_llava.complete.json"
 TINY_MODEL_FORMAT = 3  # bump when the recipe changes so cached copies are rebuilt
+TINY_TEXT_SIZE = (128, 2)  # the text model's hidden size and layer count
+HEAD_DIM = 64  # the vLLM CPU attention kernel rejects head_dim 16
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -188,16 +193,20 @@ def _make_processor(backend: Any, architecture: str, image_size: int = IMAGE_SIZ
     )
 
 
-def _make_config(vocab_size: int, ids: dict[str, int], architecture: str) -> Any:
+def _make_config(
+    vocab_size: int, ids: dict[str, int], architecture: str, hidden_size: int = 128, num_layers: int = 2
+) -> Any:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
+    if hidden_size % HEAD_DIM or num_layers <= 0:
+        raise ValueError(f"tiny LLaVA: hidden_size must be a multiple of {HEAD_DIM} ({hidden_size}), layers > 0")
     text_config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // HEAD_DIM,
+        num_key_value_heads=hidden_size // HEAD_DIM,
         max_position_embeddings=2048,
         bos_token_id=ids["<s>"],
         eos_token_id=ids["</s>"],
@@ -288,13 +297,13 @@ def _calibrate_end_of_sequence(model: Any, processor: Any, eos_id: int) -> int |
     return trigger
 
 
-def _write_model(folder: Path, seed: int, architecture: str) -> None:
+def _write_model(folder: Path, seed: int, architecture: str, text_size: tuple[int, int] = TINY_TEXT_SIZE) -> None:
     from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     backend = _train_tokenizer()
     ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
     processor = _make_processor(backend, architecture)
-    config = _make_config(backend.get_vocab_size(), ids, architecture)
+    config = _make_config(backend.get_vocab_size(), ids, architecture, *text_size)
 
     torch.manual_seed(seed)
     model_class = LlavaNextForConditionalGeneration if architecture == "llava_next" else LlavaForConditionalGeneration
@@ -317,7 +326,20 @@ def _write_model(folder: Path, seed: int, architecture: str) -> None:
     processor.tokenizer.save_pretrained(folder)
 
 
-def _is_complete(folder: Path, seed: int, architecture: str) -> bool:
+def _marker(seed: int, architecture: str, text_size: tuple[int, int]) -> dict:
+    """What the completion marker records; the default size is left out, so markers of earlier builds stay valid."""
+    marker = {"seed": seed, "format": TINY_MODEL_FORMAT, "architecture": architecture}
+    if tuple(text_size) != TINY_TEXT_SIZE:
+        marker["text_size"] = list(text_size)
+    return marker
+
+
+def tiny_size_name(name: str, hidden_size: int, num_layers: int) -> str:
+    """The folder of a tiny model at another text size: ``tiny-llava-h512-l4`` (the default size keeps ``name``)."""
+    return name if (hidden_size, num_layers) == TINY_TEXT_SIZE else f"{name}-h{hidden_size}-l{num_layers}"
+
+
+def _is_complete(folder: Path, seed: int, architecture: str, text_size: tuple[int, int] = TINY_TEXT_SIZE) -> bool:
     marker = folder / COMPLETE_MARKER
     if not marker.is_file():
         return False
@@ -325,13 +347,16 @@ def _is_complete(folder: Path, seed: int, architecture: str) -> bool:
         info = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return info == {"seed": seed, "format": TINY_MODEL_FORMAT, "architecture": architecture}
+    return info == _marker(seed, architecture, text_size)
 
 
-def build_tiny_llava(out_dir: Path, seed: int = 0, architecture: str = "llava") -> Path:
+def build_tiny_llava(
+    out_dir: Path, seed: int = 0, architecture: str = "llava", hidden_size: int = 128, num_layers: int = 2
+) -> Path:
     """Build the tiny LLaVA under ``out_dir`` (or return it if a complete copy for ``seed`` is already there).
 
-    ``architecture``: "llava" (LLaVA-1.5) or "llava_next" (LLaVA-NeXT, any-resolution tiles).
+    ``architecture``: "llava" (LLaVA-1.5) or "llava_next" (LLaVA-NeXT, any-resolution tiles). ``hidden_size`` and
+    ``num_layers`` size the text model (a multiple of 64; the vision tower stays tiny).
 
     The model is written to a temporary sibling folder and renamed into place, the completion marker last, so a crash
     or a concurrent builder never leaves a half-written model that looks complete.
@@ -339,23 +364,23 @@ def build_tiny_llava(out_dir: Path, seed: int = 0, architecture: str = "llava") 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     out_dir = Path(out_dir)
-    if _is_complete(out_dir, seed, architecture):
+    text_size = (hidden_size, num_layers)
+    if _is_complete(out_dir, seed, architecture, text_size):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        logger.info("building the tiny %s (seed %d) at %s", architecture, seed, out_dir)
-        _write_model(staging, seed, architecture)
-        marker = {"seed": seed, "format": TINY_MODEL_FORMAT, "architecture": architecture}
-        (staging / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
-        if _is_complete(out_dir, seed, architecture):  # another process finished first
+        logger.info("building the tiny %s (seed %d, text %d x %d) at %s", architecture, seed, *text_size, out_dir)
+        _write_model(staging, seed, architecture, text_size)
+        (staging / COMPLETE_MARKER).write_text(json.dumps(_marker(seed, architecture, text_size)) + "\n")
+        if _is_complete(out_dir, seed, architecture, text_size):  # another process finished first
             return out_dir
         if out_dir.exists():  # stale or incomplete copy (other seed, old format, crash)
             shutil.rmtree(out_dir)
         try:
             os.rename(staging, out_dir)
         except OSError:
-            if not _is_complete(out_dir, seed, architecture):  # lost a race to a builder that is not done: surface it
+            if not _is_complete(out_dir, seed, architecture, text_size):  # lost a race to an unfinished builder
                 raise
     finally:
         if staging.exists():

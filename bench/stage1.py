@@ -266,6 +266,18 @@ def identical(first: list, second: list) -> dict:
             "of": len(pairs)}  # fmt: skip
 
 
+def code_state() -> dict:
+    """The commit measured and the files that differed from it (a benchmark of uncommitted code says so)."""
+    def git(*command: str) -> str:
+        try:
+            return subprocess.run(["git", *command], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "modified": changed}
+
+
 def summarise(args: argparse.Namespace, model: str, records: dict) -> dict:
     config = json.loads((Path(model) / "config.json").read_text())
     text = config.get("text_config", config)
@@ -274,7 +286,7 @@ def summarise(args: argparse.Namespace, model: str, records: dict) -> dict:
         "samples": args.samples, "turn_tokens": args.turn_tokens, "threads": args.threads, "dtype": args.dtype,
         "batch_size": args.batch_size, "max_model_len": args.max_model_len, "kv_cache_tokens": args.kv_cache_tokens,
         "vllm_multiprocessing": args.vllm_multiprocessing, "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "code": code_state(),
         "sides": {side: side_figures(record, args.samples) for side, record in records.items()},
     }
     vllm = summary["sides"].get("vllm")

@@ -14,16 +14,15 @@ The same demo-like samples (drawn shapes; phrase and sentence queries) go throug
 Sides: ``vllm`` (one batched call per turn), ``hf-sequential`` (what peers do: HF ``generate`` one sample at a time,
 ``use_cache=True``) and ``hf-batched`` (HF ``generate`` over left-padded batches of ``--batch-size``). Each reports
 samples/s, output tokens/s and CPU-seconds per sample (the process and its children), its start (engine or model
-load) apart from the work, a 2-sample warm-up apart, and the load average before and after its work. vLLM's KV cache
-is sized to hold every sequence of a turn at ``--max-model-len`` (``--kv-cache-tokens``; the engine's own figure is
-reported). ``--embedding`` adds the hidden-state embedding pass (vLLM pooling engine vs transformers).
+load) apart from the work, a 2-sample warm-up apart, and the load average before and after its work. On tiny models
+vLLM's KV cache is sized to hold every sequence of a turn at ``--max-model-len`` (``--kv-cache-tokens``; the engine's
+own figure is reported); on others vLLM sizes it from ``--gpu-memory-utilization``. ``--embedding`` adds the
+hidden-state embedding pass (vLLM pooling engine vs transformers). ``--out`` writes every figure as JSON.
 
     .venv/bin/python bench/stage1.py --samples 64 --out bench/results/stage1_tiny.json
     .venv/bin/python bench/stage1.py --hidden 512 --layers 4 --samples 32      # a wider random tiny-architecture LLaVA
-    .venv/bin/python bench/stage1.py --model /models/llava-1.5-7b-hf --dtype bfloat16 --kv-cache-tokens 0 \\
-        --gpu-memory-utilization 0.9
-    .venv/bin/python bench/stage1.py --shape llava-1.5-7b --kv-cache-tokens 0 --gpu-memory-utilization 0.9 \\
-        --skip-transformers
+    .venv/bin/python bench/stage1.py --model /models/llava-1.5-7b-hf --dtype bfloat16 --gpu-memory-utilization 0.9
+    .venv/bin/python bench/stage1.py --shape llava-1.5-7b --gpu-memory-utilization 0.9 --skip-transformers
 
 ``--shape llava-1.5-7b|llava-1.5-13b`` needs no weights: it writes LLaVA-1.5 at its real shape with random weights
 (``stage1_reason.llava_shapes``; bfloat16, 14 / 27 GB of disk) under ``work/models/random-<shape>`` and benchmarks that.
@@ -101,9 +100,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", default=16, type=int, help="hf-batched: prompts per generate call")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     parser.add_argument("--skip-transformers", action="store_true", help="only the vLLM side")
-    parser.add_argument("--max-model-len", default=1024, type=int)
-    parser.add_argument("--kv-cache-tokens", type=int, help="vLLM KV cache in tokens (default: samples x "
-                        "max-model-len; 0: size it from --gpu-memory-utilization)")
+    parser.add_argument("--max-model-len", type=int,
+                        help="default: 1024 for tiny models (their conversations stay under 400 tokens), else 2048")
+    parser.add_argument("--kv-cache-tokens", type=int, help="vLLM KV cache in tokens; 0: vLLM sizes it from "
+                        "--gpu-memory-utilization (default: samples x max-model-len for tiny models, else 0)")
     parser.add_argument("--gpu-memory-utilization", default=0.1, type=float)
     parser.add_argument("--vllm-multiprocessing", action="store_true",
                         help="vLLM's engine core and worker in their own processes (its default) instead of in one")
@@ -119,8 +119,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown or not args.sides:
         parser.error(f"--sides: unknown {unknown}; choose from {', '.join(SIDES)}")
     args.dtype = args.dtype or ("bfloat16" if args.shape else "float32")
+    tiny = not args.shape and args.model.startswith("tiny-llava")
+    args.max_model_len = args.max_model_len or (1024 if tiny else 2048)
     if args.kv_cache_tokens is None:
-        args.kv_cache_tokens = args.samples * args.max_model_len
+        args.kv_cache_tokens = args.samples * args.max_model_len if tiny else 0
     return args
 
 
@@ -304,13 +306,13 @@ def summarise(args: argparse.Namespace, model: str, records: dict) -> dict:
 
 
 def report_lines(summary: dict) -> list[str]:
-    lines = ["| side | start s | work s | samples/s | out tok/s | CPU s/sample | tokens exact | load before/after |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+    lines = ["| side | start s | work s | samples/s | out tok/s | CPU s/sample | tokens exact | errors | load |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for side, fig in summary["sides"].items():
         exact = "yes" if all(check["exact"] for check in fig["lengths"]) else "NO"
         lines.append(f"| {side} | {fig['start_s']:.1f} | {fig['work_s']:.2f} | {fig['samples_per_s']:.2f} | "
                      f"{fig['output_tokens_per_s']:.0f} | {fig['cpu_s_per_sample']:.3f} | {exact} | "
-                     f"{fig['load_before'][0]:.2f} / {fig['load_after'][0]:.2f} |")
+                     f"{len(fig['errors'])} | {fig['load_before'][0]:.2f} / {fig['load_after'][0]:.2f} |")
     for baseline in BASELINES:
         if f"vllm_over_{baseline}" in summary:
             ratio = summary[f"vllm_over_{baseline}"]

@@ -44,7 +44,7 @@ def build_run(
     from shared import shards
     from shared.schema import MANIFEST_SCHEMA
 
-    params = {"rows": rows, "shard_size": shard_size, "tokens": tokens, "dim": dim, "seed": seed,
+    params = {"schema": shards.SHARD_SCHEMA_VERSION, "rows": rows, "shard_size": shard_size, "tokens": tokens, "dim": dim, "seed": seed,
               "embedding_dictionary": dictionary, "version": 2}  # fmt: skip
     if dictionary:
         shards.NO_DICTIONARY_COLUMNS = ()  # the writer's old behaviour, for the before/after comparison
@@ -75,6 +75,7 @@ def build_run(
         text = [f"the object number {start + k}, small and round" for k in range(n)]
         columns = {
             "sample_id": shard_ids, "dataset": ["bench"] * n, "split": ["val"] * n,
+            "image_path": manifest["image_path"][start : start + n],
             "query": [f"the object number {start + k}" for k in range(n)], "reason_prompt": ["What is it?"] * n,
             "reason_answer": text, "seg_prompt": ["Name the target."] * n, "seg_answer": text, "target": text,
             "attributes": ["small and round"] * n, "parse_status": ["ok"] * n, "seg_text": text,

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SHARD_SCHEMA_VERSION = 2  # 2: seg_tokens and reason_source columns
+SHARD_SCHEMA_VERSION = 3  # 2: seg_tokens and reason_source columns; 3: image_path
 TMP_SUFFIX = ".tmp"
 DONE_DIR = ".done"  # hidden: readers of the folder skip it
 PARTIAL_DIR = ".partial"  # hidden: a writer's intermediates (stage 1's generation files)
@@ -68,6 +68,7 @@ def shard_schema(dim: int, metadata: dict[str, str] | None = None) -> pa.Schema:
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("dataset", pa.string()),
         pa.field("split", pa.string()),
+        pa.field("image_path", pa.string()),  # as the manifest has it (relative to the dataset root)
         pa.field("query", pa.string()),
         pa.field("reason_prompt", pa.string()),  # step 1 (reason) user turn
         pa.field("reason_answer", pa.string()),  # the MLLM's unharmed answer

@@ -177,6 +177,7 @@ def embed_shard(
                 "sample_id": row["sample_id"],
                 "dataset": row["dataset"],
                 "split": row["split"],
+                "image_path": row["image_path"],
                 "query": row["query"],
                 "reason_prompt": gen["reason_prompt"],
                 "reason_answer": gen["reason_answer"],

@@ -64,7 +64,7 @@ def write_synthetic_shards(
     not in the manifest); returns the shard folder ``run_dir/<dataset>-<split>``. ``texts`` (sample id -> text)
     replaces the query as the embedded text of the rows it names."""
     manifest = pq.read_table(manifest_path).sort_by("sample_id")
-    rows = manifest.select(["sample_id", "dataset", "split", "query"]).to_pylist()
+    rows = manifest.select(["sample_id", "dataset", "split", "image_path", "query"]).to_pylist()
     for row in rows:
         row["text"] = (texts or {}).get(row["sample_id"], row["query"])
     rows += [{"sample_id": extra, "dataset": rows[0]["dataset"], "split": rows[0]["split"], "query": "the red circle",
@@ -90,6 +90,7 @@ def write_synthetic_shards(
             "sample_id": [row["sample_id"] for row in chunk],
             "dataset": [row["dataset"] for row in chunk],
             "split": [row["split"] for row in chunk],
+            "image_path": [row.get("image_path") for row in chunk],
             "query": [row["query"] for row in chunk],
             "reason_prompt": ["" for _ in chunk],
             "reason_answer": [None if bad else "It is the object the query describes." for bad in failed],

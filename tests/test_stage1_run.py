@@ -215,6 +215,38 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(demo_setup, reference_r
         )
 
 
+def test_in_process_engines_with_a_kv_cache_in_tokens_give_the_reference_rows(demo_setup, reference_run, tiny_llava_dir):
+    """The demo's engine settings (``engine_in_process``, ``kv_cache_tokens``) through the CLI: one engine start per
+    phase for all shards, no engine process of its own, and the rows of the shared multi-process engines."""
+    root, data_root, manifests = demo_setup
+    config = make_config(root, data_root, "work-in-process", tiny_llava_dir, engine_in_process=True,
+                         kv_cache_tokens=4096)  # fmt: skip
+    manifest_dir = config.work_dir / "manifests"
+    manifest_dir.mkdir(parents=True, exist_ok=True)
+    for _, path in manifests:
+        (manifest_dir / Path(path).name).write_bytes(Path(path).read_bytes())
+    done = subprocess.run(
+        [sys.executable, "-m", "llavaseg.cli", "reason", "--config", str(Path(config.base_dir) / "pipeline.toml")],
+        cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _, reference = reference_run
+    run_dir = config.work_dir / "stage1" / reference.run_key  # the engine settings do not change the rows
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {phase: e["starts"] for phase, e in summary["engines"].items()} == {"generate": 1, "embed": 1}
+    assert summary["new_rows"] == ROWS and "engines: generate 1 start(s)" in done.stdout + done.stderr
+    log_text = next((config.work_dir / "logs").glob("reason-*.log")).read_text()
+    assert "EngineCore" not in log_text and "VLLM_ENABLE_V1_MULTIPROCESSING is set to False" in log_text
+    got, expected = all_rows(run_dir, reference.run_key), all_rows(reference.run_dir, reference.run_key)
+    for name in ("sample_id", "reason_answer", "seg_answer", "target", "attributes", "seg_text", "token_ids", "status"):
+        assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    for i in range(got.num_rows):
+        np.testing.assert_allclose(
+            shards.embedding_from_arrow(got.column("embedding"), i).astype(np.float32),
+            shards.embedding_from_arrow(expected.column("embedding"), i).astype(np.float32), atol=2e-3,
+        )
+
+
 def test_bad_rows_become_error_rows(tmp_path, demo_setup, tiny_llava_dir, vllm_generation_engine, vllm_pooling_engine):
     """Missing image, corrupt JPEG, over-long query, empty query: error rows with messages; every other row ok."""
     from stage1_reason.run import run_stage1
@@ -264,6 +296,7 @@ def test_templated_step1_rows(demo_setup, tiny_llava_dir, vllm_generation_engine
     sources = []
     for row in rows:
         source = manifest[row["sample_id"]]
+        assert (row["image_path"], row["query"]) == (source["image_path"], source["query"])  # a row says what it read
         step1 = simulated_step1(row["sample_id"], source["query"], source["query_kind"], seed=0)
         sources.append(row["reason_source"])
         if step1 is None:  # a sentence or question query: the MLLM reasons

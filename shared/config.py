@@ -98,6 +98,15 @@ class Stage1Config:
     retry_backoff_s: float = 0.5  # first backoff; doubled on each retry
     engine_restarts: int = 2  # per phase: a vLLM engine that died or stalled is restarted this often, then the job stops
     engine_stall_timeout_s: float = 300.0  # an engine whose processes use no CPU time this long is stalled; 0 = off
+    # KV cache of each vLLM engine in tokens (0: gpu_memory_utilization sizes it). Size it for a shard's batch:
+    # shard_size x (prompt + max_new_tokens); on CPU an explicit size also skips the engine's warm-up pass.
+    kv_cache_tokens: int = 0
+    # true: the vLLM engine core runs inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): it starts in seconds on
+    # CPU, but it cannot be watched for stalls (engine_stall_timeout_s does not apply) and a crash ends the job
+    engine_in_process: bool = False
+    # who computes the hidden-state embeddings: "" = stage1.backend; "transformers" (a sequential forward, no engine
+    # start: the fastest for small models on CPU) or "vllm" (one batched prefill on a pooling engine)
+    embed_backend: str = ""
     # a shard lease (shared.leases) whose heartbeat is older than this is stale and is taken over by another job
     # (reason and infer); a dead process of the same host loses its leases at once
     lease_timeout_s: float = 300.0
@@ -183,6 +192,7 @@ CHOICES: dict[str, tuple] = {
     "stage1.prompt_version": ("v1", "v2"),
     "stage1.conversation_format": ("chat_template", "llava_v1"),
     "stage1.embed_mode": ("hidden", "input"),
+    "stage1.embed_backend": ("", "vllm", "transformers"),
     "stage1.dtype": ("float32", "float16", "bfloat16", "auto"),
     "stage2.sam_variant": ("vit_h", "vit_l", "vit_b", "tiny", "mini"),
     "stage2.precision": ("fp32", "bf16"),

@@ -36,9 +36,10 @@ def server_problems(stage1: Any) -> list[str]:
     if stage1.backend == "openai":
         if not stage1.server_url:
             problems.append("stage1.server_url: required with stage1.backend = 'openai' (the `vllm serve` URL)")
-        if stage1.embed_mode == "hidden" and not stage1.embed_server_url:
+        if stage1.embed_mode == "hidden" and not stage1.embed_server_url and not stage1.embed_backend:
             problems.append("stage1.embed_server_url: required with stage1.backend = 'openai' and embed_mode 'hidden' "
-                            "(a `vllm serve --runner pooling` URL; embed_mode 'input' needs none)")  # fmt: skip
+                            "(a `vllm serve --runner pooling` URL; embed_mode 'input' or a local "
+                            "stage1.embed_backend needs none)")  # fmt: skip
     if stage1.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", stage1.api_key_env):
         problems.append(f"stage1.api_key_env: {stage1.api_key_env!r} is not an environment variable name (the key "
                         "itself does not belong in the config)")  # fmt: skip
@@ -85,6 +86,9 @@ def value_problems(sections: dict[str, Any]) -> list[str]:
             problems.append(f"stage2.adapter_blocks: {stage2.adapter_blocks} names a block twice")
     if ray.cpus_per_worker < 1:
         problems.append(f"ray.cpus_per_worker: must be >= 1, got {ray.cpus_per_worker}")
+    if stage1.kv_cache_tokens < 0:
+        problems.append(f"stage1.kv_cache_tokens: must be >= 0 (0 = sized by gpu_memory_utilization), got "
+                        f"{stage1.kv_cache_tokens}")  # fmt: skip
     if stage1.engine_restarts < 0:
         problems.append(f"stage1.engine_restarts: must be >= 0, got {stage1.engine_restarts}")
     if not (_finite(stage1.engine_stall_timeout_s) and stage1.engine_stall_timeout_s >= 0):

@@ -32,7 +32,7 @@ import numpy as np
 from stage1_reason import prompts
 from stage1_reason.chain import ReasonOutput, Sample
 from stage1_reason.engine import ImageLike, load_hf_model, load_processor, mllm_image, shutdown_engine
-from stage1_reason.llava_conventions import clip_mean_colour, render_conversation
+from stage1_reason.llava_conventions import clip_mean_colour, count_prompt_tokens, render_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +134,12 @@ class _EmbedderBase:
         self.conversation_format = conversation_format
         self.pad_colour = clip_mean_colour(self.processor) if pad_to_square else None
 
-    def _span(self, request: EmbedRequest) -> tuple[SegSpan, Any, Any] | EmbedResult:
-        """The located span, the processor's tensors for its text+image and the image as the MLLM sees it, or the row's
-        error."""
+    needs_tensors = False  # True: _span runs the processor (the model reads its tensors); else it only counts tokens
+
+    def _span(self, request: EmbedRequest) -> tuple[SegSpan, Any, Any, int] | EmbedResult:
+        """The located span, the processor's tensors for its text+image (None unless ``needs_tensors``; counted
+        without processing the pixels where the processor can), the image as the MLLM sees it and the prompt's token
+        count; or the row's error."""
         if request.error:
             return EmbedResult(request.key, error=request.error)
         if request.image is None:
@@ -144,15 +147,19 @@ class _EmbedderBase:
         try:
             span = locate_seg_span(self.processor, request.messages, request.seg_text, self.conversation_format)
             image = mllm_image(request.image, self.pad_colour)
-            inputs = self.processor(text=[span.text], images=[image], return_tensors="pt")
+            inputs, total = None, None
+            if not self.needs_tensors:
+                total = count_prompt_tokens(self.processor, span.text, image)
+            if total is None:
+                inputs = self.processor(text=[span.text], images=[image], return_tensors="pt")
+                total = int(inputs["input_ids"].shape[1])
         except Exception as exc:  # template, tokenizer and image errors come in many types
             return EmbedResult(request.key, error=f"embedding input: {type(exc).__name__}: {exc}")
-        total = int(inputs["input_ids"].shape[1])
         if total > self.max_model_len:
             return EmbedResult(
                 request.key, error=f"embedding prompt too long: {total} tokens > max_model_len {self.max_model_len}"
             )
-        return span, inputs, image
+        return span, inputs, image, total
 
     def _result(self, key: str, span: SegSpan, vectors: np.ndarray | None) -> EmbedResult:
         """Cap the span at max_embed_tokens; vectors are the span's rows [n_tokens, dim] (hidden mode)."""
@@ -191,6 +198,8 @@ class TokenIdEmbedder(_EmbedderBase):
 class TransformersEmbedder(_EmbedderBase):
     """``hidden`` mode through transformers, one row at a time: the reference for ``VllmEmbedder``."""
 
+    needs_tensors = True
+
     def __init__(
         self, model: str, max_embed_tokens: int = 64, max_model_len: int = 2048, dtype: str = "float32",
         trust_remote_code: bool = False, device: str = "cpu", conversation_format: str = "chat_template",
@@ -210,7 +219,7 @@ class TransformersEmbedder(_EmbedderBase):
             if isinstance(located, EmbedResult):
                 results.append(located)
                 continue
-            span, inputs, _ = located
+            span, inputs, _, _ = located
             try:
                 with torch.inference_mode():
                     output = self.hf_model(**inputs.to(self.device), output_hidden_states=True)
@@ -285,7 +294,7 @@ class VllmEmbedder(_EmbedderBase):
             if isinstance(located, EmbedResult):
                 results[index] = located
             else:
-                batch.append((request, located[0], int(located[1]["input_ids"].shape[1]), located[2]))
+                batch.append((request, located[0], located[3], located[2]))
                 positions.append(index)
         if batch:
             from stage1_reason.engine_health import EngineFailure, is_engine_death

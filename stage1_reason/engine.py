@@ -32,7 +32,7 @@ from stage1_reason.engine_health import (
     engine_processes,
     is_engine_death,
 )
-from stage1_reason.llava_conventions import clip_mean_colour, expand2square
+from stage1_reason.llava_conventions import clip_mean_colour, count_prompt_tokens, expand2square
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class GenerationBackend(Protocol):
 class _BackendBase:
     """Request validation shared by the backends: same prompts, same counting, same limits, same error texts."""
 
+    needs_tensors = False  # True: keep the processor's tensors (the model reads them); else only count the tokens
+
     def __init__(
         self, model: str, max_new_tokens: int, max_model_len: int, trust_remote_code: bool,
         conversation_format: str = "chat_template", pad_to_square: bool = False,
@@ -140,11 +142,14 @@ class _BackendBase:
             prompt = prompts.render_prompt(self.processor, request.messages, self.conversation_format)
         except Exception as exc:  # template errors come in many types (jinja, KeyError, ValueError)
             return Result(request.key, error=f"chat template failed: {type(exc).__name__}: {exc}")
-        try:
-            inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
+        try:  # an engine that processes the image itself needs only the count
+            inputs = None
+            prompt_tokens = None if self.needs_tensors else count_prompt_tokens(self.processor, prompt, image)
+            if prompt_tokens is None:
+                inputs = self.processor(text=[prompt], images=[image], return_tensors="pt")
+                prompt_tokens = int(inputs["input_ids"].shape[1])
         except Exception as exc:
             return Result(request.key, error=f"processor failed on the prompt/image: {type(exc).__name__}: {exc}")
-        prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens + self.max_new_tokens > self.max_model_len:
             return Result(
                 request.key,
@@ -291,6 +296,8 @@ def load_hf_model(model: str, dtype: str, trust_remote_code: bool, device: str) 
 
 class TransformersBackend(_BackendBase):
     """The same prompts through transformers, one request at a time: the correctness reference and speed baseline."""
+
+    needs_tensors = True
 
     def __init__(
         self,

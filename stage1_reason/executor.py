@@ -28,8 +28,37 @@ log = logging.getLogger(__name__)
 ROUNDS_WITHOUT_PROGRESS = 3  # free shards that stay unfinished this many rounds in a row: a bug, not a wait
 
 
+@dataclass
+class EngineLifecycle:
+    """The engines one phase of this job started and closed, and the seconds that took (the rest is shard work)."""
+
+    starts: int = 0
+    start_seconds: float = 0.0
+    close_seconds: float = 0.0
+
+    def start(self, make_engine: Callable[[], Any]) -> Any:
+        began = time.perf_counter()
+        engine = make_engine()
+        self.starts += 1
+        self.start_seconds += time.perf_counter() - began
+        return engine
+
+    def close(self, engine: Any) -> None:
+        began = time.perf_counter()
+        engine.close()
+        self.close_seconds += time.perf_counter() - began
+
+    @property
+    def seconds(self) -> float:
+        return self.start_seconds + self.close_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"starts": self.starts, "start_s": round(self.start_seconds, 2), "close_s": round(self.close_seconds, 2)}
+
+
 def run_with_restarts(
-    tasks: list[Any], label: str, engine: Any, make_engine: Any, step: Any, max_restarts: int
+    tasks: list[Any], label: str, engine: Any, make_engine: Any, step: Any, max_restarts: int,
+    lifecycle: EngineLifecycle | None = None,
 ) -> tuple[list[Any], int]:
     """``step(task, engine)`` for each task, in order; returns the results and how many engines were restarted.
 
@@ -41,7 +70,8 @@ def run_with_restarts(
         return [], 0
     own = engine is None
     restarts, results = 0, []
-    engine = engine or make_engine()
+    lifecycle = lifecycle or EngineLifecycle()
+    engine = engine or lifecycle.start(make_engine)
     try:
         for task in tqdm(tasks, desc=label, unit="shard"):
             while True:
@@ -60,10 +90,10 @@ def run_with_restarts(
                                 max_restarts, task.path)  # fmt: skip
                     _discard(engine)
                     engine = None
-                    engine = make_engine()
+                    engine = lifecycle.start(make_engine)
     finally:
         if own and engine is not None:
-            engine.close()
+            lifecycle.close(engine)
     return results, restarts
 
 

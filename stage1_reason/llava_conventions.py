@@ -71,3 +71,19 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
     canvas = Image.new(image.mode, (side, side), background)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
+
+
+def count_prompt_tokens(processor: Any, prompt: str, image: Image.Image) -> int | None:
+    """The token count the processor would give ``prompt`` with ``image``, without processing the pixels: the text's
+    tokens with each image placeholder expanded to the image's token count (the processor's own
+    ``_get_num_multimodal_tokens``, which vLLM also uses). None where the processor cannot say; callers then run it."""
+    counter = getattr(processor, "_get_num_multimodal_tokens", None)
+    placeholder_id = getattr(processor, "image_token_id", None)
+    if counter is None or placeholder_id is None:
+        return None
+    try:
+        per_image = int(counter(image_sizes=[(image.height, image.width)]).num_image_tokens[0])
+    except Exception:  # e.g. no crop size in the image processor: the count depends on what it does
+        return None
+    ids = processor.tokenizer(prompt)["input_ids"]
+    return len(ids) + (per_image - 1) * ids.count(placeholder_id)

@@ -275,8 +275,7 @@ class OpenAIEmbedder(_ServerSide, _EmbedderBase):
         located = self._span(request)
         if isinstance(located, EmbedResult):
             return located
-        span, inputs, image = located
-        total = int(inputs["input_ids"].shape[1])
+        span, _, image, total = located
         answer_turn = {"role": "assistant", "content": [{"type": "text", "text": request.seg_text.strip()}]}
         messages = chat_messages(request.messages + [answer_turn], image_data_url(image))
         payload: dict[str, Any] = {
@@ -335,7 +334,7 @@ def server_metadata(stage1: Any) -> dict[str, str]:
     """Shard provenance of the servers a run uses (served model names, reported versions, URLs); probing them first
     makes an unreachable server fail before any shard is touched. Raises ServerUnavailableError."""
     servers = [("server", stage1.server_url)]
-    if stage1.embed_mode == "hidden":
+    if stage1.embed_mode == "hidden" and not stage1.embed_backend:  # else a local embedder computes them
         servers.append(("embed_server", stage1.embed_server_url))
     metadata = {}
     for role, url in servers:

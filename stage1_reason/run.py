@@ -32,7 +32,7 @@ from shared.leases import JobSlice, ShardLeases, clean_temp_files
 from shared.shard_inputs import shard_input_stats, stage1_input_problem
 from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
-from stage1_reason.executor import FinishedCheck, ShardClaims, poll_interval, run_with_restarts  # noqa: F401
+from stage1_reason.executor import EngineLifecycle, FinishedCheck, ShardClaims, poll_interval, run_with_restarts  # noqa: F401
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
     GEN_SCHEMA,
@@ -79,6 +79,10 @@ class Stage1Summary:
     other_task_shards: int = 0  # shards of the other tasks of the array (not this task's)
     leases_taken_over: int = 0  # stale leases of dead jobs whose shards this job took over
     changed_input_shards: int = 0  # done shards redone because their manifest rows or image files changed
+    # per phase (generate, embed): the engines this job started and closed, with their seconds
+    engines: dict[str, EngineLifecycle] = field(
+        default_factory=lambda: {"generate": EngineLifecycle(), "embed": EngineLifecycle()}
+    )
 
     @property
     def new_rows(self) -> int:
@@ -108,6 +112,11 @@ class Stage1Summary:
             f"stage 1: {self.new_rows} new samples, {self.reused_rows} reused, {self.errors} error rows, "
             f"{self.capped_rows} rows cut at max_embed_tokens, {self.seconds:.1f}s ({rate:.2f} samples/s generated) -> {self.run_dir}"
         ]
+        started = {phase: e for phase, e in self.engines.items() if e.starts}
+        if started:
+            lines.append("  engines: " + ", ".join(
+                f"{phase} {e.starts} start(s) {e.start_seconds:.1f}s + close {e.close_seconds:.1f}s"
+                for phase, e in started.items()) + f" of the {self.seconds:.1f}s")  # fmt: skip
         if self.engine_restarts or self.retried_rows:
             lines.append(f"  {self.engine_restarts} engine restart(s); {self.retried_rows} rows retried after engine-side "
                          "errors of an earlier run")  # fmt: skip
@@ -148,6 +157,7 @@ def run_settings(config: PipelineConfig, model_path: str) -> dict[str, Any]:
         "max_embed_tokens": s1.max_embed_tokens,
         "max_new_tokens": s1.max_new_tokens,
         "max_model_len": s1.max_model_len,
+        **({"embed_backend": s1.embed_backend} if s1.embed_backend not in ("", s1.backend) else {}),
         "dtype": s1.dtype,
         "decoding": "greedy",
         "seed": s1.seed,
@@ -198,6 +208,7 @@ def shard_metadata(config: PipelineConfig, key: str, settings: dict[str, Any], m
         "llavaseg.embedding_dim": str(dim),
         "llavaseg.embedding_dtype": "float16",
         "llavaseg.backend": s1.backend,
+        "llavaseg.embed_backend": s1.embed_backend or s1.backend,
         "llavaseg.package_version": version("llavaseg"),
         "llavaseg.settings": json.dumps(settings, sort_keys=True),
     }
@@ -327,6 +338,7 @@ def run_stage1(
             lambda: make_generation_backend(config, model_path),
             claims.generating(lambda task, engine: generate_shard(task, rows[(task.manifest, task.index)], engine,
                                                                   config), has_generation), restarts,
+            summary.engines["generate"],
         )  # fmt: skip
         summary.generated_samples += sum(generated)
         done, restarted_embed = run_with_restarts(
@@ -334,6 +346,7 @@ def run_stage1(
             lambda: make_embedder_for(config, model_path),
             claims.embedding(lambda task, engine: embed_shard(task, rows[(task.manifest, task.index)], engine, config,
                                                               metadata, dim), has_generation), restarts,
+            summary.engines["embed"],
         )  # fmt: skip
         summary.engine_restarts += restarted + restarted_embed
         return done
@@ -361,6 +374,7 @@ def run_stage1(
         "capped_rows": summary.capped_rows, "max_embed_tokens": config.stage1.max_embed_tokens,
         "generated_samples": summary.generated_samples, "seconds": round(summary.seconds, 2),
         "engine_restarts": summary.engine_restarts, "retried_rows": summary.retried_rows,
+        "engines": {phase: e.as_dict() for phase, e in summary.engines.items()},
         "job": {"slice": summary.job, "owner": leases.owner, "shards_by_this_job": summary.shards_by_this_job,
                 "shards_by_others": summary.shards_by_others, "shards_already_done": summary.shards_already_done,
                 "other_task_shards": summary.other_task_shards, "leases_taken_over": summary.leases_taken_over},

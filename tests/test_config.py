@@ -19,7 +19,8 @@ PIPELINE_TOML = REPO / "pipeline.toml"
 # that mechanical tests build on. Every other key is the same in both.
 MINI_WORLD_KEYS = {
     "data": {"demo_train_images": 400, "demo_val_images": 64},
-    "stage1": {"model": "mini-llava", "max_new_tokens": 96, "max_embed_tokens": 96},
+    "stage1": {"model": "mini-llava", "max_new_tokens": 96, "max_embed_tokens": 96, "kv_cache_tokens": 32768,
+               "engine_in_process": True},
     "stage2": {"sam_variant": "mini", "sam_checkpoint": "mini-sam", "lr": 3e-3, "iterations": 600,
                "checkpoint_every": 200},
 }  # fmt: skip

@@ -143,12 +143,11 @@ def resolve_bench_model(args: argparse.Namespace) -> str:
 
 
 def vllm_settings(args: argparse.Namespace, model: str) -> dict:
-    from stage1_baselines import kv_cache_bytes
+    from stage1_reason.backends import kv_cache_bytes
 
     settings = {"gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": True}
-    if args.kv_cache_tokens:
-        dtype_bytes = 4 if args.dtype == "float32" else 2
-        settings["kv_cache_memory_bytes"] = kv_cache_bytes(model, args.kv_cache_tokens, dtype_bytes)
+    if args.kv_cache_tokens:  # the pipeline's own sizing (stage1.kv_cache_tokens)
+        settings["kv_cache_memory_bytes"] = kv_cache_bytes(model, args.kv_cache_tokens, args.dtype or "float32")
     return settings
 
 

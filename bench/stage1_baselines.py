@@ -213,18 +213,5 @@ class BatchedTransformersBackend(TransformersBackend):
         return [result for result in results if result is not None]
 
 
-def kv_cache_bytes(model_dir: str, tokens: int, dtype_bytes: int) -> int:
-    """Bytes of KV cache for ``tokens`` tokens of the model's text decoder: 2 (K, V) x layers x kv heads x head dim."""
-    import json
-    from pathlib import Path
-
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    text = config.get("text_config", config)
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    per_token = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim * dtype_bytes
-    return tokens * per_token
-
-
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]

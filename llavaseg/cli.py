@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import signal
 import sys
 from importlib import metadata
 from pathlib import Path
 
+from llavaseg.cli_overrides import split_overrides
 from llavaseg.cli_tasks import add_task_args, job_slice
 from shared.config import DEFAULT_CONFIG_NAME, ConfigError, PipelineConfig, load_config
 from shared.console import echo
@@ -22,7 +22,6 @@ from shared.console import echo
 log = logging.getLogger("llavaseg")
 
 
-OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)+=")
 EPILOG = (
     "config overrides: section.key=value anywhere on the line, e.g. stage2.lr=3e-4 ray.num_workers=8\n"
     "exit codes: 0 ok, 2 usage/config/input error, 1 runtime error, 130 interrupted"
@@ -308,33 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _value_options(parser: argparse.ArgumentParser) -> set[str]:
-    """Option strings (of the parser and every subcommand) that take a value, so `--query a.b=c` stays a value."""
-    options: set[str] = set()
-    for action in parser._actions:  # argparse keeps no public list of its actions
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                options |= _value_options(subparser)
-        elif action.option_strings and action.nargs != 0:
-            options.update(action.option_strings)
-    return options
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a command line; ``section.key=value`` overrides may stand anywhere and end up in ``args.overrides``."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    takes_value = _value_options(parser)
-    rest, overrides = [], []
-    index = 0
-    while index < len(argv):
-        token = argv[index]
-        if token in takes_value and index + 1 < len(argv):
-            rest += argv[index:index + 2]
-            index += 2
-            continue
-        (overrides if OVERRIDE.match(token) else rest).append(token)
-        index += 1
+    rest, overrides = split_overrides(parser, list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
     args.overrides = overrides
     return args

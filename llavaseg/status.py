@@ -1,6 +1,6 @@
 """``llavaseg status``: what exists for a config and what is done, read from the work dir without changing anything.
 
-Reads manifest footers, done markers and the ``parse_status``/``status`` columns of done shards, training metrics and
+Reads manifests, done markers (checked against the manifest rows and a stat of their images) and the ``parse_status``/``status`` columns of done shards, training metrics and
 checkpoint folders, evaluation ``metrics.json`` files and prediction done markers. It starts no engine, builds no model
 and writes nothing, so it is safe to run beside a job.
 """
@@ -29,6 +29,7 @@ class ManifestStatus:
     rows_done: int = 0
     errors: int = 0
     parse_fallback: int = 0
+    shards_stale: int = 0  # marked done, but their manifest rows or image files changed since: reason redoes them
 
     def describe(self) -> str:
         if self.rows is None:
@@ -36,6 +37,9 @@ class ManifestStatus:
         line = f"  {self.spec}: {self.rows} rows; stage 1 {self.shards_done}/{self.shards_total} shards done"
         if self.shards_done:
             line += f" ({self.rows_done} rows, {self.errors} errors, {self.parse_fallback} parse fallbacks)"
+        if self.shards_stale:
+            line += (f"; {self.shards_stale} more marked done but their inputs changed (query, image path or image "
+                     "file): `llavaseg reason` redoes them")  # fmt: skip
         return line
 
 
@@ -68,15 +72,28 @@ def _model_path_without_building(config: PipelineConfig) -> str | None:
     return resolve_model(config.stage1.model, config.work_dir)
 
 
-def _manifest_status(spec: str, path: Path, shard_dir: Path | None, shard_size: int) -> ManifestStatus:
+def _manifest_status(spec: str, path: Path, shard_dir: Path | None, config: PipelineConfig) -> ManifestStatus:
+    """A shard counts as done as stage 1 counts it: a done marker whose recorded inputs are the manifest's rows now
+    (``shared.shard_inputs``: a stat of each row's image, no image read)."""
+    from shared.shard_inputs import shard_input_stats, stage1_input_problem
+    from stage1_reason.shard_phases import read_manifest_rows
+
     if not path.is_file():
         return ManifestStatus(spec, path, None)
-    rows = pq.read_metadata(path).num_rows
+    shard_size = config.stage1.shard_size
+    manifest = read_manifest_rows(path, config.data.max_samples_per_manifest)
+    rows = manifest.num_rows
     status = ManifestStatus(spec, path, rows, shards_total=-(-rows // shard_size) if rows else 0)
     if shard_dir is None or not shard_dir.is_dir():
         return status
     for shard in list_shards(shard_dir):
-        if read_done(shard) is None:
+        done = read_done(shard)
+        if done is None:
+            continue
+        index = int(shard.stem)
+        expected = shard_input_stats(manifest.slice(index * shard_size, shard_size), config.data_root)
+        if stage1_input_problem(done, expected) is not None:
+            status.shards_stale += 1
             continue
         status.shards_done += 1
         table = pq.read_table(shard, columns=["status", "parse_status"])
@@ -144,7 +161,7 @@ def collect_status(config: PipelineConfig) -> Status:
         path = config.work_dir / "manifests" / manifest_filename(*spec.split("/"))
         entries.append(ManifestEntry(spec, path))
         shard_dir = manifest_folder(run_dir, spec) if run_dir else None
-        status.manifests.append(_manifest_status(spec, path, shard_dir, config.stage1.shard_size))
+        status.manifests.append(_manifest_status(spec, path, shard_dir, config))
     train_ready = run_dir is not None and all(e.path.is_file() for e in entries if e.spec in config.data.train)
     if train_ready:
         status.training = _training_lines(config, stage2_sources(config, entries, config.data.train))

@@ -88,6 +88,11 @@ def test_edited_query_image_and_old_marker_redo_their_shard_and_stage2_refuses_s
 
     name = edit_first_query(config.data_root)
     rebuild_manifest(config, "reasonseg/val")
+    from llavaseg.status import collect_status
+
+    val = next(m for m in collect_status(config).manifests if m.spec == "reasonseg/val")
+    assert (val.shards_stale, val.shards_done) == (1, val.shards_total - 1)  # as stage 1 will count them
+    assert "1 more marked done but their inputs changed" in val.describe()
     sample_id = f"reasonseg/val/{name}/0"
     stale_path, stale_row = shard_of(first.run_dir, "reasonseg/val", sample_id)
     assert stale_row["query"] != EDITED

@@ -202,6 +202,33 @@ def test_cli_train_evaluate_infer_on_the_run_outputs(project):
     assert "no-such-checkpoint" in missing.stderr
 
 
+def test_two_infer_jobs_at_once_write_each_prediction_once(project, tmp_path):
+    """Two ``infer`` processes started together on one output folder (a retry beside a running job, or a job array
+    started twice): both exit 0, every output shard is written once by one of them, and their summaries add up."""
+    from shared.shards import done_path, list_shards
+
+    out = tmp_path / "predictions"
+    argv = [sys.executable, "-m", "llavaseg.cli", "infer", "--out", str(out), *project.overrides,
+            'data.eval=["reasonseg/train", "reasonseg/val"]']  # 3 output shards: train 2, val 1 (shard_size 8)
+    jobs = [subprocess.Popen(argv, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    outputs = [job.communicate(timeout=900) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [err[-3000:] for _, err in outputs]
+    summaries = [json.loads(stdout[stdout.index("{"):]) for stdout, _ in outputs]
+    shards = list_shards(out / "reasonseg-train") + list_shards(out / "reasonseg-val")
+    assert len(shards) == 3 and all(done_path(path).is_file() for path in shards)
+    ids = [sid for path in shards for sid in pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()]
+    expected = manifest_rows(project, "reasonseg/train") + manifest_rows(project, "reasonseg/val")
+    assert len(ids) == len(set(ids)) == expected  # every sample once, none twice
+    assert sum(s["shards_written"] for s in summaries) == 3 and sum(s["rows_written"] for s in summaries) == expected
+    for summary in summaries:  # each job's own account: what it wrote + what the other wrote meanwhile + done before
+        assert summary["shards_written"] + summary["shards_by_others"] + summary["shards_skipped"] == 3, summary
+    from shared.leases import LEASE_SUFFIX
+    from shared.shards import TMP_SUFFIX
+
+    assert list(out.rglob(f"*{LEASE_SUFFIX}")) == [] and list(out.rglob(f"*{TMP_SUFFIX}")) == []  # nothing left held
+
+
 def test_status_shows_what_the_run_made(project):
     out = project.llavaseg(project.argv("status")).stdout
     for spec in ("reasonseg/train", "reasonseg/val"):

@@ -32,7 +32,13 @@ from shared.leases import JobSlice, ShardLeases, clean_temp_files
 from shared.shard_inputs import shard_input_stats, stage1_input_problem
 from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
-from stage1_reason.executor import EngineLifecycle, FinishedCheck, ShardClaims, poll_interval, run_with_restarts  # noqa: F401
+from stage1_reason.executor import (  # noqa: F401  (run_with_restarts: re-exported)
+    EngineLifecycle,
+    FinishedCheck,
+    ShardClaims,
+    poll_interval,
+    run_with_restarts,
+)
 from stage1_reason.fingerprint import model_fingerprint
 from stage1_reason.shard_phases import (  # noqa: F401  (GEN_SCHEMA, read_manifest_rows: part of this module's API)
     GEN_SCHEMA,

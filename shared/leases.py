@@ -173,7 +173,9 @@ class ShardLeases:
         return dict(self.owner, heartbeat=time.time())
 
     def _write_temp(self, lease: Path) -> Path:
-        temp = lease.with_name(f".{lease.name}.{self.owner['token']}.tmp")
+        # the token keeps two lease sets of one process apart; host-pid lets a later job see that a writer killed
+        # between this write and the rename is gone (``writer_gone``), so its temp file does not outlive it
+        temp = lease.with_name(f".{lease.name}.{self.owner['token'][:12]}.{host_name()}-{os.getpid()}.tmp")
         temp.write_text(json.dumps(self._record(), sort_keys=True))
         return temp
 

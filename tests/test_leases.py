@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -149,6 +150,27 @@ def test_cleanup_removes_only_temp_files_nobody_writes(tmp_path):
     assert busy_shard_temp.exists() and live_writer.exists() and lease_path(folder / "00001.parquet").exists()
     os.utime(live_writer, (time.time() - 400, time.time() - 400))  # older than the timeout: nobody writes that long
     assert leases.clean_temp_files(run_dir, timeout_s=300) == [live_writer]
+
+
+def test_a_lease_write_killed_before_its_rename_leaves_nothing_behind(tmp_path):
+    """A job SIGKILLed between writing a lease's temporary file and renaming it: the next cleanup sees the writer's
+    process gone and removes the file at once, not only after the lease timeout."""
+    shard = tmp_path / "m" / "00002.parquet"
+    shard.parent.mkdir()
+    child = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from shared.leases import ShardLeases, lease_path
+        jobs, lease = ShardLeases(300), lease_path(Path({str(shard)!r}))
+        lease.parent.mkdir(parents=True, exist_ok=True)
+        jobs._write_temp(lease)  # the first half of a lease write, then the kill
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    killed = subprocess.run([sys.executable, "-c", child], cwd=REPO)
+    assert killed.returncode == -9
+    (left,) = lease_path(shard).parent.glob("*.tmp")
+    assert left.name.startswith(".00002.lease.json.") and f".{leases.host_name()}-" in left.name  # the writer's name
+    assert leases.clean_temp_files(tmp_path, timeout_s=300) == [left] and not left.exists()
 
 
 def test_temporary_names_are_hidden_and_the_writers_own(tmp_path):

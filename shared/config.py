@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config_values import value_problems
+from shared.object_store import ObjectStore, store_for
 from shared.paths import resolve_sam_checkpoint
 
 DEFAULT_CONFIG_NAME = "pipeline.toml"
@@ -41,7 +42,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class PathsConfig:
     data_root: str = "work/demo_data"  # every dataset lives under it, in LISA's layout (reason_seg/, refer_seg/, ...)
-    work_dir: str = "work"  # every output goes under it
+    work_dir: str = "work"  # every output goes under it: a folder, or an s3:// URI (see shared/object_store.py)
+    mirror_dir: str = ""  # with an s3:// work_dir: this job's local copy (empty = ~/.cache/llavaseg/mirror/<hash>)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2
-    storage_path: str = ""  # empty = <work_dir>/ray_results (must be shared storage on multi-node clusters)
+    storage_path: str = ""  # empty = <work_dir>/ray_results; a folder (shared on multi-node clusters) or s3:// URI
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,16 @@ class PipelineConfig:
 
     @property
     def work_dir(self) -> Path:
+        """The local work folder; with an ``s3://`` work dir, this job's mirror of it (``work_store``)."""
+        store = self.work_store
+        if store is not None:
+            return store.mirror
         return (Path(self.base_dir) / self.paths.work_dir).resolve()
+
+    @property
+    def work_store(self) -> ObjectStore | None:
+        """The object store holding the work dir (``paths.work_dir = "s3://..."``), None for a local folder."""
+        return store_for(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

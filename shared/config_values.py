@@ -4,7 +4,7 @@
 them together with the type errors before any work starts (not later, inside Ray workers, after retries): a learning
 rate that is NaN, infinite or not positive, adapter blocks outside the SAM variant's encoder, a negative checkpoint
 count, zero CPUs per worker, a vLLM memory fraction outside (0, 1], negative sample rates, AdamW betas outside [0, 1),
-and paths given as URIs (``s3://...``), which the pipeline does not read or write yet.
+and paths given as URIs of a scheme the key cannot take (a work dir on ``gs://``, a data root on any store).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from typing import Any
 # not import stage 2, so the numbers live here too.
 SAM_ENCODER_DEPTHS = {"vit_h": 32, "vit_l": 24, "vit_b": 12, "tiny": 4, "mini": 4}
 URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-LOCAL_PATH_KEYS = (("paths", "data_root"), ("paths", "work_dir"), ("ray", "storage_path"))
+# The URI schemes each path key takes (none: a local or mounted folder only). The work dir needs conditional writes for
+# its leases (shared/object_store.py); Ray Train reads and writes its storage path itself, through pyarrow.fs.
+URI_PATH_KEYS = {("paths", "data_root"): (), ("paths", "work_dir"): ("s3",), ("ray", "storage_path"): ("s3", "gs")}
 
 
 def _finite(value: float) -> bool:
@@ -101,11 +103,18 @@ def value_problems(sections: dict[str, Any]) -> list[str]:
     for family, rate in data.sample_rates.items():
         if not (_finite(rate) and rate >= 0):
             problems.append(f"data.sample_rates.{family}: must be a finite number >= 0, got {rate}")
-    for section, key in LOCAL_PATH_KEYS:
+    for (section, key), schemes in URI_PATH_KEYS.items():
         value = getattr(sections[section], key)
         if URI_SCHEME.match(value):
             scheme = value.split("://", 1)[0]
-            problems.append(f"{section}.{key}: {value!r} is a {scheme}:// URI; only local (or mounted) folders are "
-                            "supported yet")  # fmt: skip
+            if scheme not in schemes:
+                takes = " or ".join(f"{s}://" for s in schemes) + " URIs or " if schemes else ""
+                problems.append(f"{section}.{key}: {value!r} is a {scheme}:// URI; it takes {takes}local (or mounted) "
+                                "folders")  # fmt: skip
+            elif not value.split("://", 1)[1].strip("/"):
+                problems.append(f"{section}.{key}: {value!r} names no bucket")
+    if URI_SCHEME.match(sections["paths"].work_dir) and sections["stage1"].use_ray:
+        problems.append("stage1.use_ray: not yet with an s3:// paths.work_dir (the Ray actors' intermediates would "
+                        "stay on their nodes); run a job array (--task-index/--num-tasks) instead")  # fmt: skip
     problems += server_problems(stage1)
     return problems

@@ -122,6 +122,7 @@ class FinishedCheck:
 
     run_key: str
     redo: dict[str, tuple[int, int] | None] = field(default_factory=dict)  # shard path -> its done marker's (inode, mtime)
+    refresh: Callable[[Path], None] | None = None  # brings a shard's published state into the mirror (object store)
 
     @staticmethod
     def marker(shard_path: Path) -> tuple[int, int] | None:
@@ -129,6 +130,8 @@ class FinishedCheck:
 
     def __call__(self, task: Any) -> bool:
         path = Path(task.path)
+        if self.refresh is not None:
+            self.refresh(path)
         if not shards.is_done(path, task.sample_ids, expected_run_key=self.run_key):
             return False
         return task.path not in self.redo or _done_marker_identity(path) != self.redo[task.path]
@@ -143,6 +146,7 @@ class ShardClaims:
     finished: Callable[[Any], bool]
     poll_s: float = 2.0
     written: int = 0  # shards this job wrote
+    publish: Callable[[Path], None] | None = None  # uploads a written shard, then its done marker (object store)
 
     def claim(self, task: Any) -> bool:
         path = Path(task.path)
@@ -174,6 +178,8 @@ class ShardClaims:
                 self.leases.release(path)
                 return None
             stats = step(task, engine)
+            if self.publish is not None:
+                self.publish(path)
             self.written += 1
             self.leases.release(path)
             return stats

@@ -28,7 +28,9 @@ import pyarrow as pa
 
 from shared import shards
 from shared.config import PipelineConfig
-from shared.leases import JobSlice, ShardLeases, clean_temp_files
+from shared.leases import JobSlice, clean_temp_files
+from shared.object_leases import leases_for
+from shared.object_store import publish_shard, push_if, refresh_shard
 from shared.shard_inputs import shard_input_stats, stage1_input_problem
 from stage1_reason import parsing, prompts, step1_templates
 from stage1_reason.backends import make_embedder_for, make_generation_backend  # noqa: F401  (re-exported)
@@ -261,8 +263,10 @@ def run_stage1(
     model_path = resolve_model(config.stage1.model, config.work_dir)
     run_dir, key, settings = run_dir_for(config, model_path)
     run_dir.mkdir(parents=True, exist_ok=True)
+    store = config.work_store  # an s3:// work dir: run_dir is this job's mirror of the run folder on the store
+    published = store.pull(run_dir) if store is not None else set()
     shards.write_json_atomic(run_dir / "run.json", {"run_key": key, "settings": settings})
-    config.write_resolved(run_dir)
+    push_if(store, run_dir / "run.json", config.write_resolved(run_dir))
     job = job or JobSlice()
     for stale in clean_temp_files(run_dir, config.stage1.lease_timeout_s):  # other live jobs' files stay
         log.warning("removed a temp file or lease left by a killed writer: %s", stale)
@@ -291,6 +295,9 @@ def run_stage1(
             done = shards.read_done(Path(task.path)) or {}
             transient = int(done.get("transient_errors", 0))
             complete = shards.is_done(Path(task.path), task.sample_ids, expected_run_key=key)
+            if complete and store is not None and shards.done_path(Path(task.path)).relative_to(run_dir).as_posix() \
+                    not in published:
+                publish_shard(store, Path(task.path))  # finished here by a job killed before it published it
             changed = stage1_input_problem(done, inputs) if complete and not overwrite else None
             if transient and complete:
                 log.info("%s: redoing it, %d of its rows failed in the engine", task.path, transient)
@@ -326,8 +333,11 @@ def run_stage1(
     to_generate = [t for t in pending if not gen_covers(t, input_digests[(t.manifest, t.index)])]
     log.info("stage 1 run %s: %d shards pending (%d need generation)", key, len(pending), len(to_generate))
 
-    leases = ShardLeases(config.stage1.lease_timeout_s)
-    claims = ShardClaims(leases, FinishedCheck(key, redo), poll_interval(config.stage1.lease_timeout_s))
+    leases = leases_for(config)
+    refresh = (lambda path: refresh_shard(store, path)) if store is not None else None
+    publish = (lambda path: publish_shard(store, path)) if store is not None else None
+    claims = ShardClaims(leases, FinishedCheck(key, redo, refresh), poll_interval(config.stage1.lease_timeout_s),
+                         publish=publish)  # fmt: skip
     has_generation = lambda t: gen_covers(t, input_digests[(t.manifest, t.index)])  # noqa: E731
     restarts = config.stage1.engine_restarts
 
@@ -389,5 +399,6 @@ def run_stage1(
         "per_manifest": {k: {**v.__dict__, "generate_seconds": round(v.generate_seconds, 2),
                              "embed_seconds": round(v.embed_seconds, 2)} for k, v in summary.per_manifest.items()},
     })  # fmt: skip
+    push_if(store, run_dir / summary_name)
     log.info("%s", summary.describe())
     return summary

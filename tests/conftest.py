@@ -105,8 +105,27 @@ def demo_images() -> list[tuple[Image.Image, str]]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster (2 CPUs) for the whole test session."""
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """One S3-compatible server (moto) on 127.0.0.1 for the session, with its bucket; the AWS environment that reaches
+    it is set for this process and every process it starts (Ray workers included)."""
+    from s3_server import BUCKET, S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server) -> Iterator[None]:
+    """One local Ray cluster (2 CPUs) for the whole test session; its workers reach the session's S3 server."""
     import ray
 
     if not ray.is_initialized():

@@ -142,7 +142,7 @@ def test_values_that_cannot_work_are_all_named_at_load():
     overrides = [
         "stage2.lr=nan", "stage2.adapter_blocks=[1, 99]", "stage2.keep_checkpoints=-1", "ray.cpus_per_worker=0",
         "stage1.gpu_memory_utilization=1.5", "data.sample_rates={semantic = -1.0, reasoning = 1.0}",
-        "paths.work_dir=s3://bucket/work", "ray.storage_path=gs://bucket/ray", "stage2.adam_betas=[0.9]",
+        "paths.work_dir=gs://bucket/work", "paths.data_root=s3://bucket/data", "stage2.adam_betas=[0.9]",
         "stage2.grad_clip_norm=-1.0", "stage2.bce_weight=inf",
     ]  # fmt: skip
     with pytest.raises(ConfigError) as err:
@@ -157,9 +157,20 @@ def test_values_that_cannot_work_are_all_named_at_load():
         "ray.cpus_per_worker: must be >= 1, got 0",
         "stage1.gpu_memory_utilization: must be in (0, 1], got 1.5",
         "data.sample_rates.semantic: must be a finite number >= 0, got -1.0",
-        "paths.work_dir: 's3://bucket/work' is a s3:// URI; only local (or mounted) folders are supported yet",
-        "ray.storage_path: 'gs://bucket/ray' is a gs:// URI; only local (or mounted) folders are supported yet",
+        "paths.data_root: 's3://bucket/data' is a s3:// URI; it takes local (or mounted) folders",
+        "paths.work_dir: 'gs://bucket/work' is a gs:// URI; it takes s3:// URIs or local (or mounted) folders",
     ]
+    with pytest.raises(ConfigError) as err:
+        load_config(PIPELINE_TOML, overrides=["paths.work_dir=s3://", "ray.storage_path=ftp://host/x"])
+    assert err.value.problems == [
+        "paths.work_dir: 's3://' names no bucket",
+        "ray.storage_path: 'ftp://host/x' is a ftp:// URI; it takes s3:// or gs:// URIs or local (or mounted) folders",
+    ]
+    with pytest.raises(ConfigError, match=r"stage1.use_ray: not yet with an s3:// paths.work_dir"):
+        load_config(PIPELINE_TOML, overrides=["paths.work_dir=s3://bucket/work", "stage1.use_ray=true"])
+    s3 = load_config(PIPELINE_TOML, overrides=["paths.work_dir=s3://bucket/work", "paths.mirror_dir=m"])
+    assert s3.work_store.url(s3.work_dir / "a/b.json") == "s3://bucket/work/a/b.json"
+    assert s3.work_dir == PIPELINE_TOML.parent.resolve() / "m"
     for bad in ("stage2.lr=-1e-4", "stage2.lr=inf", "stage2.lr=0.0"):
         with pytest.raises(ConfigError, match=r"stage2.lr: must be a finite number > 0"):
             load_config(PIPELINE_TOML, overrides=[bad])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shared.config import PipelineConfig
 from shared.console import echo
+from shared.object_store import fetch_input
 
 
 def manifest_table(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -18,8 +19,8 @@ def manifest_table(args: argparse.Namespace, config: PipelineConfig) -> int:
         raise ValueError("manifest table: --input FILE (CSV, JSONL, Parquet) or --input FOLDER --query Q is required")
     if args.split not in (None, INFERENCE_SPLIT):
         raise ValueError(f"manifest table: the split is always {INFERENCE_SPLIT!r}, got --split {args.split}")
-    source = Path(args.input)
-    root = Path(args.root).resolve() if args.root else default_root(source)
+    source = fetch_input(args.input, config.work_dir / "inputs")  # an s3:// table or folder: downloaded first
+    root = fetch_input(args.root, config.work_dir / "inputs", "--root").resolve() if args.root else default_root(source)
     name = args.name or dataset_name(source)
     out = Path(args.out) if args.out else config.work_dir / "manifests" / f"{name}-{INFERENCE_SPLIT}.parquet"
     built = build_table_manifest(source, root, out, args.query, name)
@@ -41,9 +42,11 @@ def infer_input_command(args: argparse.Namespace, config: PipelineConfig, checkp
             raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
         config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, num_workers=args.replicas),
                                      stage1=dataclasses.replace(config.stage1, replicas=args.replicas))  # fmt: skip
+    source = fetch_input(args.input, config.work_dir / "inputs")  # an s3:// table or folder: downloaded first
+    root = fetch_input(args.root, config.work_dir / "inputs", "--root") if args.root else None
     summary = infer_input(
-        config, Path(args.input), checkpoint, Path(args.out) if args.out else None,
-        Path(args.root) if args.root else None, args.query, Path(args.png) if args.png else None, args.name,
+        config, source, checkpoint, Path(args.out) if args.out else None, root, args.query,
+        Path(args.png) if args.png else None, args.name,
     )  # fmt: skip
     echo(json.dumps(summary, indent=2, default=str))
     return 0

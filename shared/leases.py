@@ -277,7 +277,7 @@ class ShardLeases:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 self.refresh()
-            except OSError as error:  # shared storage hiccup: try again at the next beat
+            except Exception as error:  # shared storage or object store hiccup: try again at the next beat
                 log.warning("lease heartbeat failed: %s", error)
 
     def close(self) -> None:

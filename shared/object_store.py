@@ -74,6 +74,10 @@ class ObjectStore:
             self._fs = pyarrow.fs.FileSystem.from_uri(self.uri)
         return self._fs
 
+    def contains(self, path: Path) -> bool:
+        """Whether ``path`` lies in the mirror (a folder outside it, e.g. a manifest given by path, is not stored)."""
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(self.mirror))
+
     def relative(self, path: Path) -> str:
         """``path``'s name below the mirror (POSIX separators)."""
         try:
@@ -128,8 +132,19 @@ class ObjectStore:
         except FileNotFoundError:
             pass
 
-    def pull_file(self, path: Path) -> bool:
-        """Download one object to its mirror path (temporary name, then rename); False when the store lacks it."""
+    def read(self, path: Path) -> bytes | None:
+        """The bytes of the object at a mirror path, None when the store lacks it."""
+        fs, _ = self._filesystem()
+        try:
+            with fs.open_input_stream(self.key(path)) as source:
+                return source.read()
+        except FileNotFoundError:
+            return None
+
+    def pull_file(self, path: Path, mtime: float | None = None) -> bool:
+        """Download one object to its mirror path (temporary name, then rename); False when the store lacks it.
+        ``mtime``: the object's time, given to the file, so that every machine's copy has the same size and mtime
+        (what ``shared.shard_inputs`` digests of an image)."""
         fs, _ = self._filesystem()
         path = Path(path)
         try:
@@ -142,6 +157,8 @@ class ObjectStore:
             with source, open(temporary, "wb") as sink:
                 while chunk := source.read(_CHUNK):
                     sink.write(chunk)
+            if mtime is not None:
+                os.utime(temporary, (mtime, mtime))
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
@@ -171,9 +188,10 @@ class ObjectStore:
                 continue
             names.add(relative)
             local = folder / relative
+            mtime = info.mtime.timestamp() if info.mtime is not None else None
             if local.is_file() and local.stat().st_size == info.size:
                 continue
-            if self.pull_file(local):
+            if self.pull_file(local, mtime):
                 pulled += 1
         if pulled:
             log.info("pulled %d file(s) of %s", pulled, self.url(folder))
@@ -188,6 +206,16 @@ def store_for(config: Any) -> ObjectStore | None:
     mirror = config.paths.mirror_dir
     mirror_path = (Path(config.base_dir) / mirror).resolve() if mirror else default_mirror(value)
     return ObjectStore(value, mirror_path)
+
+
+def pull_inputs(config: Any, folders: list[Path]) -> ObjectStore | None:
+    """With an object-store work dir: bring each of ``folders`` that lies in the mirror up to date from the store (a
+    checkpoint, stage-1 shards another machine wrote); returns the store, None for a local work dir."""
+    store = store_for(config)
+    for folder in sorted({Path(f) for f in folders}) if store is not None else []:
+        if store.contains(folder):
+            store.pull(folder)
+    return store
 
 
 def push_if(store: ObjectStore | None, *paths: Path) -> None:
@@ -211,8 +239,40 @@ def refresh_shard(store: ObjectStore, shard_path: Path) -> None:
     from shared import shards
 
     shard_path = Path(shard_path)
-    if not store.pull_file(shards.done_path(shard_path)):
-        return
+    marker = shards.done_path(shard_path)
+    published = store.read(marker)
+    if published is None or (marker.is_file() and marker.read_bytes() == published):
+        return  # nothing published, or what the mirror holds: the marker's identity stays (FinishedCheck.redo)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    temporary = marker.with_name(f".{marker.name}.pull-{os.getpid()}.tmp")
+    temporary.write_bytes(published)
+    os.replace(temporary, marker)
     done = shards.read_done(shard_path) or {}
     if not shard_path.is_file() or shards.checksum_problem(shard_path, done) is not None:
         store.pull_file(shard_path)
+
+
+def fetch_input(value: str, cache: Path, flag: str = "--input") -> Path:
+    """A local path for ``value``; an object-store URI (``s3://bucket/in/table.csv``, or a folder) is downloaded
+    first, with everything beside it (the images a table names), under ``cache/<sha256(uri)[:12]>``.
+
+    Raises:
+        ValueError: naming ``flag``, for a URI whose scheme pyarrow.fs cannot open or an object that is not there.
+    """
+    import pyarrow
+    import pyarrow.fs
+
+    if not is_uri(value):
+        return Path(value)
+    uri = value.rstrip("/")
+    try:
+        fs, key = pyarrow.fs.FileSystem.from_uri(uri)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError) as error:
+        raise ValueError(f"{flag}: cannot open {value!r}: {error}") from None
+    kind = fs.get_file_info(key).type
+    if kind == pyarrow.fs.FileType.NotFound:
+        raise ValueError(f"{flag}: {value!r} does not exist")
+    folder_uri = uri.rsplit("/", 1)[0] if kind == pyarrow.fs.FileType.File else uri
+    store = ObjectStore(folder_uri, Path(cache) / hashlib.sha256(folder_uri.encode()).hexdigest()[:12])
+    store.pull(store.mirror)
+    return store.mirror / uri.rsplit("/", 1)[1] if kind == pyarrow.fs.FileType.File else store.mirror

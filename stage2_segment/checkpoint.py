@@ -131,12 +131,27 @@ def find_latest(checkpoints_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune(checkpoints_dir: Path, keep: int) -> None:
-    """Keep the ``keep`` newest complete checkpoints; drop older ones and leftovers of killed writers."""
-    for _, folder in list_complete(checkpoints_dir)[:-keep] if keep > 0 else []:
+def prune(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Keep the ``keep`` newest complete checkpoints; drop older ones and leftovers of killed writers. Returns the
+    complete checkpoints it dropped."""
+    dropped = [folder for _, folder in (list_complete(checkpoints_dir)[:-keep] if keep > 0 else [])]
+    for folder in dropped:
         shutil.rmtree(folder, ignore_errors=True)
     for leftover in Path(checkpoints_dir).glob("step_*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    return dropped
+
+
+def publish_checkpoint(store: Any, folder: Path, metrics_path: Path | None = None, dropped: list[Path] = ()) -> None:
+    """With an object-store work dir (``store``, else nothing): upload a written checkpoint, its ``COMPLETE`` marker
+    last, then the metrics so far, and delete the checkpoints ``prune`` dropped."""
+    if store is None:
+        return
+    store.push_tree(folder, last=COMPLETE_MARKER)
+    if metrics_path is not None and metrics_path.is_file():
+        store.push(metrics_path)
+    for old in dropped:
+        store.delete_tree(old)
 
 
 def sam_provenance(sam_checkpoint: str | Path | None) -> dict[str, str] | None:

@@ -42,6 +42,7 @@ from shared.config import PipelineConfig
 from shared.paths import resolve_inside
 from shared.masks import MaskError, rasterize
 from shared.metrics import per_sample_intersection_union, scores_from_counts
+from shared.object_store import pull_inputs
 from shared.shards import write_json_atomic, write_table_atomic
 from stage2_segment.checkpoint import load_trained_model
 from stage2_segment.data import ExampleError, ShardStore, Stage2Dataset, Stage2Source, build_index
@@ -175,6 +176,7 @@ def evaluate(
     returns the ``metrics.json`` content. Raises ValueError naming the row whose ground truth cannot be rasterised."""
     started = time.perf_counter()
     device = inference_device(config)
+    store = pull_inputs(config, [Path(checkpoint_dir), *{s.shard_dir.parent for s in sources}])
     model, meta = load_trained_model(Path(checkpoint_dir), device)
     use_bf16 = config.stage2.precision == "bf16" and device.type == "cuda"
     name = name or evaluation_name(meta, text_blind)
@@ -257,6 +259,8 @@ def evaluate(
     for spec, result in results.items():
         logger.info("%s: gIoU %.4f cIoU %.4f over %d samples (%d failed, scored as empty predictions)", spec,
                     result["gIoU"], result["cIoU"], result["count"], result["failed"])  # fmt: skip
+    if store is not None:  # the report reads it from the store; metrics.json last: present means complete
+        store.push_tree(out_dir, last="metrics.json")
     logger.info("evaluation written to %s", out_dir)
     return metrics
 

@@ -42,6 +42,8 @@ import torch
 
 from shared.config import PipelineConfig
 from shared.leases import JobSlice, ShardLeases, clean_temp_files
+from shared.object_leases import ObjectLeases
+from shared.object_store import ObjectStore, publish_shard, pull_inputs, refresh_shard
 from shared.shards import is_done, read_done, write_shard
 from stage2_segment.checkpoint import WEIGHTS_FILE, load_trained_model, read_meta, verify_sam_weights
 from stage2_segment.data import (
@@ -186,6 +188,8 @@ def infer(
     of the same checkpoint are skipped; ``job`` is a job array task's share of the shards."""
     started, job = time.perf_counter(), job or JobSlice()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    store = pull_inputs(config, [checkpoint_dir, *{s.shard_dir.parent for s in sources}, out_dir])
+    store = store if store is not None and store.contains(out_dir) else None  # predictions published there
     meta = read_meta(checkpoint_dir)
     verify_sam_weights(meta)  # once here; the actors skip it
     checkpoint_id = sha256_of(checkpoint_dir / WEIGHTS_FILE)[:16]
@@ -197,6 +201,8 @@ def infer(
 
     def finished(k: int) -> bool:
         path = _output_path(out_dir, index.shards[k])
+        if store is not None:
+            refresh_shard(store, path)
         return is_done(path, rows_by_shard[k]["sample_id"].to_pylist()) and (read_done(path) or {}).get(
             "checkpoint") == checkpoint_id  # fmt: skip
 
@@ -207,14 +213,15 @@ def infer(
     stats = {"checkpoint": checkpoint_id, "checkpoint_dir": str(checkpoint_dir), "train_name": meta["train_name"],
              "step": meta["step"]}  # fmt: skip
     written = {"shards": 0, "rows": 0, "ok": 0, "errors": 0, "predicted": 0}
-    with ShardLeases(config.stage1.lease_timeout_s) as leases:
+    timeout = config.stage1.lease_timeout_s
+    with ObjectLeases(store, timeout) if store is not None else ShardLeases(timeout) as leases:
         for stale in clean_temp_files(out_dir, config.stage1.lease_timeout_s):
             logger.warning("removed a temp file or lease left by a killed writer: %s", stale)
         remaining = pending
         while remaining:
             claimed = [k for k in remaining if _claim(leases, _output_path(out_dir, index.shards[k]), finished, k)]
             if claimed:
-                _predict(config, index, claimed, rows_by_shard, checkpoint_dir, out_dir, stats, written, leases)
+                _predict(config, index, claimed, rows_by_shard, checkpoint_dir, out_dir, stats, written, leases, store)
             remaining = [k for k in remaining if not finished(k)]
             if set(claimed) & set(remaining):
                 raise RuntimeError(f"inference: output shards {sorted(set(claimed) & set(remaining))} were written but "
@@ -259,6 +266,7 @@ def _claim(leases: ShardLeases, path: Path, finished: Any, k: int) -> bool:
 def _predict(
     config: PipelineConfig, index: Stage2Index, pending: list[int], rows_by_shard: dict[int, pa.Table],
     checkpoint_dir: Path, out_dir: Path, stats: dict[str, Any], written: dict[str, int], leases: ShardLeases,
+    store: ObjectStore | None = None,
 ) -> None:
     """Predict and write the ``pending`` output shards (this job holds their leases; each is released once written)."""
     import ray
@@ -282,6 +290,8 @@ def _predict(
         shard = shard.select(PREDICTION_SCHEMA.names).cast(PREDICTION_SCHEMA).sort_by("sample_id")
         ok = int(pc.sum(pc.cast(pc.equal(shard["status"], "ok"), pa.int64())).as_py() or 0)
         write_shard(shard, _output_path(out_dir, index.shards[k]), dict(stats, ok=ok, errors=shard.num_rows - ok))
+        if store is not None:
+            publish_shard(store, _output_path(out_dir, index.shards[k]))
         leases.release(_output_path(out_dir, index.shards[k]))
         written["shards"] += 1
         written["rows"] += shard.num_rows

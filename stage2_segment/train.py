@@ -44,6 +44,7 @@ from stage2_segment.checkpoint import (
     load_trainable_into,
     load_training_state,
     prune,
+    publish_checkpoint,
     read_meta,
     sam_provenance,
     step_dir_name,
@@ -227,6 +228,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     model.train()
     optimizer = build_optimizer(model.trainable_parameters(), s2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s2.warmup_iterations, s2.iterations))
+    if config.work_store is not None:  # an object-store work dir: what this node's mirror lacks to resume from
+        config.work_store.pull(output_dir)
     start_step, origin, restored = _restore(model, optimizer, scheduler, checkpoints_dir)
     if world > 1:
         steps = torch.tensor([start_step, -start_step], dtype=torch.int64, device=device)
@@ -276,7 +279,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     checkpoints_dir / step_dir_name(step), model, _meta(loop_config, model, step, world, metrics),
                     config, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                 )  # fmt: skip
-                prune(checkpoints_dir, s2.keep_checkpoints)
+                dropped = prune(checkpoints_dir, s2.keep_checkpoints)
+                publish_checkpoint(config.work_store, folder, metrics_path, dropped)
                 checkpoint = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(
                 {"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint, checkpoint_dir_name=step_dir_name(step),
@@ -285,6 +289,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         final_meta = _meta(loop_config, model, max(start_step, s2.iterations), world, metrics)
         write_checkpoint(output_dir / FINAL_DIR, model, final_meta, config)
+        publish_checkpoint(config.work_store, output_dir / FINAL_DIR, metrics_path)
         logger.info("exported the trained parts to %s", output_dir / FINAL_DIR)
 
 
@@ -348,6 +353,10 @@ def _train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: b
     name = train_name(config, sources)
     output_dir = config.work_dir / "stage2" / name
     final = output_dir / FINAL_DIR
+    store = config.work_store  # an object-store work dir: the mirror gets the shards it reads and the run so far
+    for folder in sorted({s.shard_dir.parent for s in sources} | {output_dir}) if store is not None else []:
+        if store.contains(folder):
+            store.pull(folder)
     if is_complete(final) and read_meta(final)["step"] >= config.stage2.iterations:
         logger.info("stage 2 %s is already trained to step %d: %s", name, read_meta(final)["step"], final)
         return _result(output_dir, 0)
@@ -373,7 +382,7 @@ def _train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: b
         "sam": sam_provenance(sam_path),
         "shard_cache_dir": str(config.work_dir / "stage2" / "shard_cache"),
     }
-    storage = str(config.work_dir / "ray_results")
+    storage = f"{store.uri}/ray_results" if store is not None else str(config.work_dir / "ray_results")
     if "://" in config.ray.storage_path:  # cloud storage URI (s3://, gs://, ...): as given
         storage = config.ray.storage_path
     elif config.ray.storage_path:
@@ -397,6 +406,8 @@ def _train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: b
             import ray
 
             ray.shutdown()
+    if store is not None:  # rank 0 published the export, perhaps from another node
+        store.pull(output_dir)
     diverged = divergence_error(output_dir, name)
     if diverged is not None:
         raise diverged

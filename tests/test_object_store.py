@@ -5,6 +5,8 @@
 - Stage 1 through the CLI: a job SIGKILLed once its first shard is published, then a job on another machine (a fresh
   mirror) finishes the run. The store then holds every shard and done marker, no lease, and rows equal to an
   uninterrupted local run's.
+- ``infer --input s3://...``: the table and photos come from the store, stage 1 and the predictions go to an s3:// work
+  dir, and another machine's rerun finds them all done there.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from test_faults_stage1 import (  # noqa: F401  (demo, uninterrupted: the module
     write_config,
 )
 from s3_server import BUCKET
+from test_infer_input import project  # noqa: F401  (the module fixture: a table of own photos and a checkpoint)
 
 
 def test_leases_are_objects_taken_by_one_job(s3_server, tmp_path):
@@ -139,3 +142,47 @@ def test_stage1_on_s3_killed_then_finished_on_another_machine(s3_server, demo, u
     assert_same_rows(got, expected)
     assert not (run_dir / ".leases").exists()
     assert shards.read_done(run_dir / "reasonseg-val" / "00000.parquet")["rows"] >= 1
+
+
+def test_infer_input_from_s3_onto_an_s3_work_dir(s3_server, project, ray_cluster, vllm_generation_engine,
+                                                 vllm_pooling_engine, tmp_path):  # fmt: skip
+    """``infer --input s3://.../queries.csv``: the table and its photos are fetched, stage 1 and the predictions are
+    published to the s3:// work dir (each prediction shard before its done marker), and a second machine's rerun
+    finds every shard done on the store."""
+    import dataclasses
+
+    import pytest
+
+    from llavaseg.infer_input import infer_input
+    from shared.config import PathsConfig
+    from shared.object_store import fetch_input
+
+    base, table, config, checkpoint, sizes = project
+    uploader = ObjectStore(f"s3://{BUCKET}/inputs", base)
+    uploader.push(table)
+    uploader.push_tree(base / "photos")
+    with pytest.raises(ValueError, match=r"--input: 's3://llavaseg-test/inputs/nope.csv' does not exist"):
+        fetch_input(f"s3://{BUCKET}/inputs/nope.csv", tmp_path)
+    with pytest.raises(ValueError, match=r"--root: cannot open 'ftp://host/x'"):
+        fetch_input("ftp://host/x", tmp_path, "--root")
+
+    def on_store(mirror: Path):
+        paths = PathsConfig(data_root=config.paths.data_root, work_dir=f"s3://{BUCKET}/own", mirror_dir=str(mirror))
+        s3_config = dataclasses.replace(config, paths=paths)
+        source = fetch_input(f"s3://{BUCKET}/inputs/queries.csv", s3_config.work_dir / "inputs")
+        root = fetch_input(f"s3://{BUCKET}/inputs/photos", s3_config.work_dir / "inputs", "--root")
+        return infer_input(s3_config, source, checkpoint, root=root, backend=vllm_generation_engine,
+                           embedder=vllm_pooling_engine)  # fmt: skip
+
+    first = on_store(tmp_path / "mirror-a")
+    assert (first["rows"], first["ok"], first["rejected_rows"]) == (8, 6, 2), first
+    keys = s3_server.keys("own/")
+    predictions = sorted(k for k in keys if k.startswith("own/predictions/") and k.endswith(".parquet"))
+    markers = [k for k in keys if k.startswith("own/predictions/") and k.endswith(".done.json")]
+    assert predictions and len(markers) == first["stage2_shards_written"] > 0, keys
+    assert [k for k in keys if k.startswith("own/stage1/") and k.endswith(".done.json")], keys
+    assert not [k for k in keys if ".leases/" in k or k.endswith(".tmp")], keys
+
+    second = on_store(tmp_path / "mirror-b")  # another machine: stage 1 and the predictions are found on the store
+    assert second["stage1_new_rows"] == 0 and second["stage2_shards_written"] == 0, second
+    assert second["stage2_shards_skipped"] == first["stage2_shards_written"]

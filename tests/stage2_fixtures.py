@@ -205,17 +205,33 @@ KILL_SCRIPT = (
 )
 
 
+def kill_tree(process) -> None:
+    """SIGKILL a training process and everything it started. Ray's workers run in their own sessions: every descendant
+    is killed by pid, not only the process group, and waited for."""
+    import os
+    import signal
+
+    import psutil
+
+    descendants = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait()
+    psutil.wait_procs(descendants, timeout=30)
+
+
 def killed_and_resumed_run(world: Stage2World) -> ResumedRun:
     """Start ``train`` in a subprocess (its own local Ray cluster), SIGKILL it once a checkpoint is complete, then run
     ``train`` again in this process (which must have Ray initialised). Built once per world."""
     import os
     import pickle
-    import signal
     import subprocess
     import sys
     import time
-
-    import psutil
 
     from stage2_segment.checkpoint import is_complete, list_complete
     from stage2_segment.train import CHECKPOINTS_DIR, FINAL_DIR, train, train_output_dir
@@ -238,16 +254,7 @@ def killed_and_resumed_run(world: Stage2World) -> ResumedRun:
                 break
             time.sleep(0.02)
     finally:
-        # Ray's workers run in their own sessions: kill every descendant by pid, not only the process group.
-        descendants = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
-        os.killpg(process.pid, signal.SIGKILL)
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        process.wait()
-        psutil.wait_procs(descendants, timeout=30)
+        kill_tree(process)
     complete = [step for step, _ in list_complete(output_dir / CHECKPOINTS_DIR)]
     final_done = is_complete(output_dir / FINAL_DIR)
     result = train(config, world.train_sources)

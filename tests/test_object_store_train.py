@@ -8,18 +8,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from s3_server import BUCKET
 from shared.config import PathsConfig
 from shared.object_store import ObjectStore
-from stage2_fixtures import KILL_SCRIPT, RUN_KEY, stage2_world
+from stage2_fixtures import KILL_SCRIPT, RUN_KEY, kill_tree, stage2_world
 from stage2_segment.checkpoint import COMPLETE_MARKER
 from stage2_segment.train import read_metrics, train, train_output_dir
 
@@ -56,14 +53,7 @@ def test_training_checkpoints_on_s3_resume_on_another_machine(s3_server, ray_clu
         while time.monotonic() < deadline and process.poll() is None and not published():
             time.sleep(0.05)
     finally:
-        descendants = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
-        os.killpg(process.pid, signal.SIGKILL)
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        process.wait()
+        kill_tree(process)
     at_kill = published()
     assert at_kill, log_path.read_text()[-3000:]
     assert not [k for k in s3_server.keys(f"{PREFIX}/{output}/final/")], "finished before the kill: lengthen the run"

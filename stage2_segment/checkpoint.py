@@ -232,3 +232,37 @@ def load_trainable_into(model: AdaptedSam, folder: Path) -> None:
         model.load_trainable_state_dict(state)
     except KeyError as err:
         raise CheckpointError(f"{path}: does not match the model in {META_FILE}: {err.args[0]}") from None
+
+
+def load_state(model: AdaptedSam, optimizer: Any, scheduler: Any, folder: Path) -> dict[str, Any]:
+    """Load a step checkpoint's trained parts, optimizer and scheduler state; returns its meta."""
+    load_trainable_into(model, folder)
+    state = load_training_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return read_meta(folder)
+
+
+def restore_newest(
+    model: AdaptedSam, optimizer: Any, scheduler: Any, checkpoints_dir: Path
+) -> tuple[int, str | None, dict[str, Any]]:
+    """Load the newer of Ray's restored checkpoint and the stable folder's newest; returns (step, where from, its
+    meta), or (0, None, {}) for a fresh start."""
+    import ray.train
+
+    ray_checkpoint = ray.train.get_checkpoint()
+    ray_step = 0
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:
+            ray_step = read_meta(Path(folder))["step"] if is_complete(Path(folder)) else 0
+    stable = find_latest(checkpoints_dir)
+    stable_step = read_meta(stable)["step"] if stable is not None else 0
+    if ray_step == stable_step == 0:
+        return 0, None, {}
+    if ray_step > stable_step:
+        with ray_checkpoint.as_directory() as folder:
+            meta, origin = load_state(model, optimizer, scheduler, Path(folder)), "ray"
+    else:
+        meta, origin = load_state(model, optimizer, scheduler, stable), "stable"
+    logger.info("resuming from step %d (%s checkpoint)", meta["step"], origin)
+    return meta["step"], origin, meta

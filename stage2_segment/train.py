@@ -41,11 +41,10 @@ from shared.shards import run_key
 from stage2_segment.checkpoint import (
     find_latest,
     is_complete,
-    load_trainable_into,
-    load_training_state,
     prune,
     publish_checkpoint,
     read_meta,
+    restore_newest,
     sam_provenance,
     step_dir_name,
     write_checkpoint,
@@ -166,39 +165,6 @@ class MicroBatches(torch.utils.data.Dataset):
         raise RuntimeError(f"step {step}: {MAX_SUBSTITUTIONS} unusable samples in a row; check the data")
 
 
-def _load_state(model: AdaptedSam, optimizer: torch.optim.Optimizer, scheduler: Any, folder: Path) -> dict[str, Any]:
-    load_trainable_into(model, folder)
-    state = load_training_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return read_meta(folder)
-
-
-def _restore(
-    model: AdaptedSam, optimizer: torch.optim.Optimizer, scheduler: Any, checkpoints_dir: Path
-) -> tuple[int, str | None, dict[str, Any]]:
-    """Load the newer of Ray's restored checkpoint and the stable folder's newest; returns (step, where from, its
-    meta), or (0, None, {}) for a fresh start."""
-    import ray.train
-
-    ray_checkpoint = ray.train.get_checkpoint()
-    ray_step = 0
-    if ray_checkpoint is not None:
-        with ray_checkpoint.as_directory() as folder:
-            ray_step = read_meta(Path(folder))["step"] if is_complete(Path(folder)) else 0
-    stable = find_latest(checkpoints_dir)
-    stable_step = read_meta(stable)["step"] if stable is not None else 0
-    if ray_step == stable_step == 0:
-        return 0, None, {}
-    if ray_step > stable_step:
-        with ray_checkpoint.as_directory() as folder:
-            meta, origin = _load_state(model, optimizer, scheduler, Path(folder)), "ray"
-    else:
-        meta, origin = _load_state(model, optimizer, scheduler, stable), "stable"
-    logger.info("resuming from step %d (%s checkpoint)", meta["step"], origin)
-    return meta["step"], origin, meta
-
-
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop; ``loop_config`` is built by ``train``."""
     import ray.train
@@ -230,7 +196,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(s2.warmup_iterations, s2.iterations))
     if config.work_store is not None:  # an object-store work dir: what this node's mirror lacks to resume from
         config.work_store.pull(output_dir)
-    start_step, origin, restored = _restore(model, optimizer, scheduler, checkpoints_dir)
+    start_step, origin, restored = restore_newest(model, optimizer, scheduler, checkpoints_dir)
     if world > 1:
         steps = torch.tensor([start_step, -start_step], dtype=torch.int64, device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)

@@ -9,6 +9,8 @@ with real hidden states). Then it times what stage 2 does with them:
     index         stage2_segment.data.build_index: every shard's checksum verified, the index columns read and joined
     first read    every row's embedding in index order via ShardStore.text_embedding + the copy Stage2Dataset.example
                   makes, with a fresh shard cache (each shard's Arrow copy written on first use, as a first epoch does)
+    first read, warmed   the same, the cache first built by ``ShardStore.warm`` (``--warm-threads`` threads), as
+                  training and evaluation do before their first epoch
     cached read   the same with the cache built (memory-mapped Arrow, the steady state of training and inference)
     random batch  Stage2Dataset.text_embedding for shuffled batches of ``--batch`` + padding to BxNxD (collate's work)
 
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--embedding-dictionary", action="store_true",
                         help="write the embedding column with a Parquet dictionary (the shard writer before Dec 2026)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--warm-threads", type=int, default=2, help="threads of ShardStore.warm (default 2)")
     args = parser.parse_args()
 
     import torch
@@ -147,6 +150,15 @@ def main() -> None:
         assert total == args.rows * args.tokens
 
     results["first_read"] = timed("first read", args.rows, row_bytes, lambda: read_all(ShardStore(cache)))
+    shutil.rmtree(cache, ignore_errors=True)
+
+    def warmed_read() -> None:
+        store = ShardStore(cache)
+        store.warm(index.shards, args.warm_threads)
+        read_all(store)
+
+    results["first_read_warmed"] = timed(f"first read, cache warmed by {args.warm_threads} threads", args.rows,
+                                         row_bytes, warmed_read)  # fmt: skip
     results["cached_read"] = timed("cached read", args.rows, row_bytes, lambda: read_all(ShardStore(cache)))
 
     dataset = Stage2Dataset(index, out, image_size=64, store=ShardStore(cache))

@@ -184,6 +184,7 @@ def evaluate(
     index = build_index(sources, config.data.max_samples_per_manifest, keep_errors=True)
     image_size = get_variant(meta["model"]["variant"]).image_size
     dataset = Stage2Dataset(index, config.data_root, image_size, ShardStore(config.work_dir / "stage2" / "shard_cache"))
+    dataset.store.warm(index.shards)
     if text_blind:  # the control: each sample gets another image's text (stage2_segment.text_blind)
         dataset = TextBlindDataset(dataset, config.stage2.seed)
     records: dict[int, dict[str, Any]] = {}  # dataset index -> per-sample record of a predicted row

@@ -187,6 +187,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     index = build_index(loop_config["sources"], config.data.max_samples_per_manifest)
     image_size = get_variant(s2.sam_variant).image_size
     dataset = Stage2Dataset(index, config.data_root, image_size, ShardStore(loop_config["shard_cache_dir"]))
+    # the node's workers split the shard cache's first build between them (a worker builds the rest on first use)
+    part = (context.get_local_rank(), context.get_local_world_size())
+    dataset.store.warm(index.shards, config.ray.cpus_per_worker, part)
     sampler = MixtureSampler(dataset.rows["family"], dataset.rows["dataset"], config.data.sample_rates, s2.seed)
     model = build_adapted_sam(
         s2.sam_variant, index.llm_dim, s2.adapter_blocks, loop_config["sam_checkpoint"], s2.seed, device="cpu"

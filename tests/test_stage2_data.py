@@ -83,6 +83,25 @@ def test_embeddings_stay_float16_and_input_mode_looks_up_the_same_rows(world, tm
         assert len(copies) == 4 and len(set(copies)) == 2  # 2 shards of each of 2 shard folders of the same name
 
 
+def test_warming_builds_each_shard_copy_once_and_reads_the_same_rows(world, tmp_path):
+    index = build_index(world.train_sources)
+    assert len(index.shards) >= 2
+    cold = Stage2Dataset(index, world.data_root, 256, ShardStore(tmp_path / "cold"))
+    store = ShardStore(tmp_path / "warm")
+    assert store.warm(index.shards, threads=2, part=(1, 2)) == len(index.shards) // 2  # the second of two workers
+    assert len(list((tmp_path / "warm").rglob("*.arrow"))) == len(index.shards) // 2
+    assert store.warm(index.shards, threads=2) == len(index.shards)
+    copies = sorted((tmp_path / "warm").rglob("*.arrow"))
+    stamps = [path.stat().st_mtime_ns for path in copies]
+    assert len(copies) == len(index.shards)
+    assert store.warm(index.shards, threads=2) == len(index.shards)  # built copies are reused, not rewritten
+    assert [path.stat().st_mtime_ns for path in copies] == stamps
+    warm = Stage2Dataset(index, world.data_root, 256, store)
+    for i in range(len(warm)):
+        np.testing.assert_array_equal(warm.text_embedding(i), cold.text_embedding(i))
+    assert ShardStore(None).warm(index.shards) == 0  # no cache: nothing to build
+
+
 def test_mixing_rates_follow_families_and_renormalise(world, tmp_path):
     train = world.train_sources[0]
     sources = [train]

@@ -113,8 +113,5 @@ def value_problems(sections: dict[str, Any]) -> list[str]:
                                 "folders")  # fmt: skip
             elif not value.split("://", 1)[1].strip("/"):
                 problems.append(f"{section}.{key}: {value!r} names no bucket")
-    if URI_SCHEME.match(sections["paths"].work_dir) and sections["stage1"].use_ray:
-        problems.append("stage1.use_ray: not yet with an s3:// paths.work_dir (the Ray actors' intermediates would "
-                        "stay on their nodes); run a job array (--task-index/--num-tasks) instead")  # fmt: skip
     problems += server_problems(stage1)
     return problems

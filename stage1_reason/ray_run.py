@@ -4,8 +4,12 @@ Each actor holds one engine (``stage1.replicas`` actors, each with ``tensor_para
 processes whole shards with the same functions as the local path, writing the shard files itself (temp name + rename,
 done file last), so a lost actor or a killed job costs at most the shards in flight. Generation runs as one pass and
 embedding as a second pass, so each actor holds one engine at a time. An actor works on a shard only while it holds the
-shard's lease (``shared.leases``), and skips a shard another job holds or finished, so concurrent jobs on one run
-folder write each shard once.
+shard's lease (``shared.leases``, or ``shared.object_leases`` on an object store), and skips a shard another job
+holds or finished, so concurrent jobs on one run folder write each shard once.
+
+With an object-store work dir (``s3://``) every actor works in its node's mirror: it downloads the manifest and the
+generation pass's intermediate file when its node lacks them, uploads that intermediate after generating (the
+embedding pass may run on another node), and publishes each finished shard, data before done marker.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from shared.config import PipelineConfig
+from shared.object_store import store_for
 from shared.ray_cluster import ensure_ray
+from stage1_reason.shard_phases import gen_path
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +34,13 @@ class _ShardWorker:
 
     def __init__(self, config: PipelineConfig, model_path: str, phase: str, metadata: dict[str, str], dim: int,
                  finished: Any = None):
-        from shared.leases import ShardLeases
+        from shared.object_leases import leases_for
         from stage1_reason import backends, shard_phases
 
         self.config, self.phase, self.metadata, self.dim = config, phase, metadata, dim
         self.phases = shard_phases
-        self.leases, self.finished = ShardLeases(config.stage1.lease_timeout_s), finished
+        self.leases, self.finished = leases_for(config), finished
+        self.store = store_for(config)  # an object-store work dir: this node's mirror is filled and published here
         if phase == "generate":
             self.engine = backends.make_generation_backend(config, model_path)
         else:
@@ -48,7 +55,10 @@ class _ShardWorker:
         out = []
         for task_json in batch["task"]:
             task = self.phases.ShardTask(**json.loads(task_json))
-            table = self.phases.read_manifest_rows(Path(task.manifest_path))
+            manifest = Path(task.manifest_path)
+            if self.store is not None and not manifest.is_file() and self.store.contains(manifest):
+                self.store.pull_file(manifest)  # the driver prepared it on another node
+            table = self.phases.read_manifest_rows(manifest)
             rows = table.filter(pc.is_in(table["sample_id"], pa.array(task.sample_ids)))
             if not self._claim(task):
                 out.append(json.dumps({"skipped": task.path, "generated": 0}))
@@ -65,7 +75,10 @@ class _ShardWorker:
             return False
         to_do = not (self.finished and self.finished(task))
         if to_do and self.phase == "embed":
-            to_do = self.phases.gen_path(task).is_file()  # its generator died before finishing: a later round
+            gen = self.phases.gen_path(task)
+            if self.store is not None and not gen.is_file():
+                self.store.pull_file(gen)  # generated on another node
+            to_do = gen.is_file()  # its generator died before finishing: a later round
         if not to_do:
             self.leases.release(Path(task.path))
         return to_do
@@ -74,8 +87,17 @@ class _ShardWorker:
         import json
 
         if self.phase == "generate":
-            return json.dumps({"generated": self.phases.generate_shard(task, rows, self.engine, self.config)})
-        return json.dumps(self.phases.embed_shard(task, rows, self.engine, self.config, self.metadata, self.dim))
+            generated = self.phases.generate_shard(task, rows, self.engine, self.config)
+            if self.store is not None:  # for the embedding pass, which may run on another node
+                self.store.push(self.phases.gen_path(task))
+            return json.dumps({"generated": generated})
+        stats = self.phases.embed_shard(task, rows, self.engine, self.config, self.metadata, self.dim)
+        if self.store is not None:
+            from shared.object_store import publish_shard
+
+            publish_shard(self.store, Path(task.path))  # data, then its done marker
+            self.store.delete(self.phases.gen_path(task))
+        return json.dumps(stats)
 
 
 def run_phases_on_ray(
@@ -107,5 +129,12 @@ def run_phases_on_ray(
         ).take_all()
         return [json.loads(r["result"]) for r in results]
 
+    store = store_for(config)
+    if store is not None:  # generated on this node by an earlier job: the embedding actors may run elsewhere
+        generating = {t.path for t in to_generate}
+        for task in pending:
+            gen = gen_path(task)
+            if task.path not in generating and gen.is_file() and not store.exists(gen):
+                store.push(gen)
     generated = sum(r["generated"] for r in pass_over(to_generate, "generate"))
     return [stats for stats in pass_over(pending, "embed") if "skipped" not in stats], generated

@@ -5,6 +5,7 @@
 - Stage 1 through the CLI: a job SIGKILLed once its first shard is published, then a job on another machine (a fresh
   mirror) finishes the run. The store then holds every shard and done marker, no lease, and rows equal to an
   uninterrupted local run's.
+- Stage 1 on Ray Data actors (``stage1.use_ray``): every shard published by the actors, none left half-way.
 - ``infer --input s3://...``: the table and photos come from the store, stage 1 and the predictions go to an s3:// work
   dir, and another machine's rerun finds them all done there.
 """
@@ -142,6 +143,38 @@ def test_stage1_on_s3_killed_then_finished_on_another_machine(s3_server, demo, u
     assert_same_rows(got, expected)
     assert not (run_dir / ".leases").exists()
     assert shards.read_done(run_dir / "reasonseg-val" / "00000.parquet")["rows"] >= 1
+
+
+def test_stage1_on_ray_actors_publishes_every_shard_to_s3(s3_server, demo, uninterrupted, tiny_llava_dir, ray_cluster):
+    """``stage1.use_ray`` with an s3:// work dir: the Ray Data actors take object leases, publish each shard (data,
+    then done marker) and leave no intermediate on the store; another machine's mirror then finds every shard done."""
+    import dataclasses
+
+    from stage1_reason.run import run_stage1
+
+    reference, expected = uninterrupted
+
+    def on_ray(mirror: str):
+        workspace = s3_workspace(demo, "work-ray", mirror, tiny_llava_dir)
+        config = workspace.config
+        config = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, use_ray=True, replicas=1))
+        paths = sorted((config.work_dir / "manifests").glob("*.parquet"))
+        manifests = [(path.stem.replace("-", "/", 1), path) for path in paths]
+        return workspace, run_stage1(config, manifests)
+
+    first, summary = on_ray("mirror-ray-a")
+    assert summary.run_key == reference.run_key and summary.new_rows == expected.num_rows
+    prefix = f"work-ray/{first.run_dir.relative_to(first.config.work_dir).as_posix()}/"
+    keys = s3_server.keys(prefix)
+    assert len(done_keys(s3_server, prefix)) == SHARDS and len([k for k in keys if k.endswith(".parquet")]) == SHARDS
+    # the actors' intermediates are gone (pyarrow leaves the emptied folder's zero-byte "folder/" marker, not a file)
+    assert not [k for k in keys if not k.endswith("/") and (".leases/" in k or k.endswith(".tmp") or ".partial/" in k)]
+
+    second, again = on_ray("mirror-ray-b")  # another machine: everything is on the store
+    assert again.new_rows == 0 and again.generated_samples == 0 and again.reused_rows == expected.num_rows
+    got = shard_rows(second)
+    assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()
+    assert_same_rows(got, expected)
 
 
 def test_infer_input_from_s3_onto_an_s3_work_dir(s3_server, project, ray_cluster, vllm_generation_engine,

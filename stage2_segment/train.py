@@ -71,7 +71,7 @@ from stage2_segment.train_inputs import require_complete, shard_set
 from stage2_segment.train_log import METRICS_FILE, read_metrics
 from stage2_segment.train_progress import watch_training
 from stage2_segment.train_log import append_jsonl as _append_jsonl
-from stage2_segment.train_lock import train_lock
+from stage2_segment.train_lock import store_train_lock, train_lock
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def train(config: PipelineConfig, sources: list[Stage2Source], allow_partial: bo
         TrainLockedError: another ``train`` is running in this work dir.
         ray.train.TrainingFailedError: the workers failed more than ``ray.max_failures`` times.
     """
-    with train_lock(config.work_dir):
+    with train_lock(config.work_dir), store_train_lock(config):
         return _train(config, sources, allow_partial)
 
 

@@ -5,6 +5,11 @@ writes the owner's pid, host and start time into it. A second ``train`` on the s
 ``TrainLockedError`` naming that owner. The kernel drops the lock when its process ends, however it ends, so a lock
 left by a killed ``train`` is stale by construction and the next ``train`` takes it over (the file stays; only the
 lock on it counts). The lock must be on a file system with working ``flock`` (local disks, NFSv4).
+
+With an object-store work dir (``s3://``) each machine has its own mirror, so ``store_train_lock`` also takes a lease
+object beside the store's copy of that file (``stage2/.leases/train.lease.json``, ``shared.object_leases``: conditional
+writes, a heartbeat while training runs). A ``train`` on another machine stops with ``TrainLockedError`` naming the
+holder; a lease whose heartbeat stopped (a killed ``train``) is taken over after ``stage1.lease_timeout_s``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 LOCK_FILE = "train.lock"
 
@@ -63,3 +69,29 @@ def train_lock(work_dir: Path) -> Iterator[Path]:
         yield path
     finally:
         handle.close()  # releases the lock
+
+
+@contextmanager
+def store_train_lock(config: Any) -> Iterator[None]:
+    """With an object-store work dir, hold its training lease for the ``with`` block (nothing for a local work dir);
+    raises TrainLockedError naming the live holder on any machine."""
+    store = config.work_store
+    if store is None:
+        yield
+        return
+    from shared.leases import lease_path
+    from shared.object_leases import ObjectLeases
+
+    path = lock_path(config.work_dir)
+    with ObjectLeases(store, config.stage1.lease_timeout_s) as leases:
+        if not leases.acquire(path):
+            holder = leases.holder(path) or {}
+            raise TrainLockedError(
+                f"another `train` is running on {store.url(config.work_dir)} (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}; lease {store.url(lease_path(path))}); wait for it to finish or stop it, "
+                f"then rerun: it resumes from the newest published checkpoint"
+            )  # fmt: skip
+        try:
+            yield
+        finally:
+            leases.release(path)

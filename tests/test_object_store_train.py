@@ -1,7 +1,8 @@
 """Stage-2 training on an ``s3://`` work dir against a real S3-compatible server (moto on 127.0.0.1): the stage-1
 shards come from the store, rank 0 publishes each checkpoint (its ``COMPLETE`` marker last) and the export; a run
 SIGKILLed after its first published checkpoint is resumed on another machine (a fresh mirror) from that checkpoint, and
-continues with the losses the killed run had."""
+continues with the losses the killed run had. The store's training lease keeps a second machine's ``train`` out while
+one runs, and is taken over from a killed one."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from s3_server import BUCKET
 from shared.config import PathsConfig
 from shared.object_store import ObjectStore
 from stage2_fixtures import KILL_SCRIPT, RUN_KEY, kill_tree, stage2_world
 from stage2_segment.checkpoint import COMPLETE_MARKER
 from stage2_segment.train import read_metrics, train, train_output_dir
+from stage2_segment.train_lock import TrainLockedError, store_train_lock
 
 PREFIX = "train-s3"
 
@@ -62,8 +66,11 @@ def test_training_checkpoints_on_s3_resume_on_another_machine(s3_server, ray_clu
         folder = marker.rsplit("/", 1)[0]
         assert {f"{folder}/checkpoint.json", f"{folder}/{COMPLETE_MARKER}"} <= set(s3_server.keys(folder + "/"))
 
+    lease = f"{PREFIX}/stage2/.leases/train.lease.json"
+    assert s3_server.keys(f"{PREFIX}/stage2/.leases/") == [lease]  # the killed run's, its owner gone: taken over
     config_b, sources_b = on_store(world, root / "mirror-b")  # another machine: an empty mirror
     result = train(config_b, sources_b)
+    assert s3_server.keys(f"{PREFIX}/stage2/.leases/") == []
     assert (result.final_step, result.resumed_from_step, result.steps_done) == (20, last, 20 - last)
     keys = s3_server.keys(f"{PREFIX}/{output}/")
     assert f"{PREFIX}/{output}/final/{COMPLETE_MARKER}" in keys and f"{PREFIX}/{output}/metrics.jsonl" in keys
@@ -82,3 +89,10 @@ def test_training_checkpoints_on_s3_resume_on_another_machine(s3_server, ray_clu
     fresh, fresh_sources = on_store(world, root / "mirror-c")  # a third machine finds the export on the store
     again = train(fresh, fresh_sources)
     assert (again.steps_done, again.final_step) == (0, 20)
+
+    with store_train_lock(fresh):  # a live `train` on one machine keeps every other machine's out
+        assert s3_server.keys(f"{PREFIX}/stage2/.leases/") == [lease]
+        with pytest.raises(TrainLockedError, match=rf"another `train` is running on s3://{BUCKET}/{PREFIX} \(pid "
+                                                   rf"{os.getpid()} on "):  # fmt: skip
+            train(*on_store(world, root / "mirror-d"))
+    assert s3_server.keys(f"{PREFIX}/stage2/.leases/") == []

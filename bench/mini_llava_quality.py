@@ -10,6 +10,8 @@ trained on: step 1 (``reason_messages``), the merged steps 2+3 (``target_attribu
   the same for the step-2-only answer;
 - ``twin_singled_out``: in scenes where two objects share the target's name, the parsed attributes state at least one
   relation that is false of the twin and none that is false of the target (``demo_text.singles_out``; bar >= 0.80);
+- ``twin_sentence_singled_out`` (a diagnostic, no bar): the same test on the attributes' "... of the two ..." sentence
+  alone, without the region and neighbour sentences around it;
 - ``step1_rouge_l``: ROUGE-L of the step-1 answer against the scene's explanatory reference (bar >= 0.5).
 
     .venv/bin/python bench/mini_llava_quality.py --scenes 120 --fresh-seed 9001 --out bench/results/mini_llava.json
@@ -87,6 +89,8 @@ def evaluate(backend, samples: list, prompt_version: str) -> tuple[dict, list[di
         }  # fmt: skip
         if scene.kind == "twin":
             record["twin_singled_out"] = singles_out(scene, parsed.attributes)
+            twin_sentences = [t for t in re.split(r"(?<=\.)\s+", parsed.attributes or "") if "of the two" in t]
+            record["twin_sentence_singled_out"] = bool(twin_sentences) and singles_out(scene, twin_sentences[0])
         records.append(record)
     rouge = dialogue_scores({str(i): r.text for i, r in enumerate(step1)},
                             {str(i): s.explanations[0]["outputs"] for i, s in enumerate(samples)})  # fmt: skip
@@ -102,6 +106,7 @@ def evaluate(backend, samples: list, prompt_version: str) -> tuple[dict, list[di
         "target_right": mean(records, "target_right"),
         "step2_target_right": mean(records, "step2_target_right"),
         "twin_singled_out": mean(twins, "twin_singled_out"),
+        "twin_sentence_singled_out": mean(twins, "twin_sentence_singled_out"),
         "step1_rouge_l": round(rouge["ROUGE-L"], 4),
         "step1_cider": round(rouge["CIDEr"], 4),
         "target_right_by_kind": {

@@ -4,6 +4,9 @@ Three phases, deterministic for a seed (same seed and thread count -> the same w
 
 1. **Vision alignment** (``VISION_STEPS``): the CLIP tower learns, from the second-to-last layer LLaVA reads, the colour
    and shape of the object under each image patch (two linear heads, dropped afterwards). Cheap: no decoder pass.
+   Colour is learnt at once, shape slowly (read right on 31% of val object patches after 200 steps, 84% after 1000),
+   and the decoder cannot bind a shape the tower does not encode: with 200 steps the model named the right colour
+   with the wrong shape ("the red object" -> "the red circle" for a red triangle).
 2. **Grounding** (``GROUND_STEPS`` of ``GROUND_BATCH``): the whole LLaVA on the bare query -> "It is the X." plus the
    attribute sentences (the ``ground`` task). Short sequences whose loss falls on the words that depend on the image:
    here the model learns to find the object a query means. Trained on the paper's long prompts from the start, the
@@ -64,7 +67,7 @@ STEPS = 1500  # the instruction-tuning schedule's length (warm-up, cosine)
 STOP_AFTER = None
 COOLDOWN = None
 BATCH = 8
-VISION_STEPS = 200
+VISION_STEPS = 2000  # patch-level shape accuracy on val: 0.31 after 200 steps, 0.84 after 1000
 VISION_BATCH = 24
 GROUND_STEPS = 500  # grounding phase: the "ground" task alone, before the task mix
 GROUND_BATCH = 32

@@ -130,7 +130,10 @@ def run_phases_on_ray(
         return [json.loads(r["result"]) for r in results]
 
     store = store_for(config)
-    if store is not None:  # generated on this node by an earlier job: the embedding actors may run elsewhere
+    if store is not None:  # what actors on other nodes read: this node's manifests, generations of an earlier job here
+        for manifest in sorted({Path(t.manifest_path) for t in pending}):
+            if store.contains(manifest):
+                store.push(manifest)
         generating = {t.path for t in to_generate}
         for task in pending:
             gen = gen_path(task)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import PipelineConfig
-from shared.object_store import store_for
+from shared.object_store import publish_shard, store_for
 from shared.ray_cluster import ensure_ray
 from stage1_reason.shard_phases import gen_path
 
@@ -75,7 +75,7 @@ class _ShardWorker:
             return False
         to_do = not (self.finished and self.finished(task))
         if to_do and self.phase == "embed":
-            gen = self.phases.gen_path(task)
+            gen = gen_path(task)
             if self.store is not None and not gen.is_file():
                 self.store.pull_file(gen)  # generated on another node
             to_do = gen.is_file()  # its generator died before finishing: a later round
@@ -89,14 +89,12 @@ class _ShardWorker:
         if self.phase == "generate":
             generated = self.phases.generate_shard(task, rows, self.engine, self.config)
             if self.store is not None:  # for the embedding pass, which may run on another node
-                self.store.push(self.phases.gen_path(task))
+                self.store.push(gen_path(task))
             return json.dumps({"generated": generated})
         stats = self.phases.embed_shard(task, rows, self.engine, self.config, self.metadata, self.dim)
         if self.store is not None:
-            from shared.object_store import publish_shard
-
             publish_shard(self.store, Path(task.path))  # data, then its done marker
-            self.store.delete(self.phases.gen_path(task))
+            self.store.delete(gen_path(task))
         return json.dumps(stats)
 
 

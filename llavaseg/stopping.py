@@ -1,16 +1,19 @@
 """How a command stops: SIGTERM and Ctrl-C end the job cleanly, with exit 143 / 130, one line, and no child left.
 
 ``install()`` makes SIGTERM raise ``Terminated`` in the main thread (so engines and Ray clusters are closed on the way
-out) and end the job's child processes from a thread. Some libraries swallow an exception raised inside their blocking
-calls (pyzmq's poll while vLLM waits up to ten minutes for its engine to start), so ``STOPPING`` tells the command the
-job was terminated whatever exception reaches it, and if the main thread has not unwound after ``SIGTERM_GRACE_S`` the
-process exits with 143 all the same: finished shards and checkpoints are complete files, written by rename.
+out) and end the job's child processes from a thread (while Ray is connected, only if the main thread's
+``ray.shutdown()`` has not run in time: Ray's driver exits with 1 when its raylet dies under it). Some libraries swallow
+an exception raised inside their blocking calls (pyzmq's poll while vLLM waits up to ten minutes for its engine to
+start), so ``STOPPING`` tells the command the job was terminated whatever exception reaches it, and if the main thread
+has not unwound after ``SIGTERM_GRACE_S`` the process exits with 143 all the same: finished shards and checkpoints are
+complete files, written by rename.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -42,13 +45,34 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    try:
+        return bool(ray is not None and ray.is_initialized())
+    except Exception:  # a half-imported or shutting-down Ray: treat it as connected, the grace covers it
+        return True
+
+
 def _end_children_then_exit() -> None:
-    terminate_descendants()
+    if _ray_connected():
+        # A Ray driver whose raylet dies under it quits at once with exit 1 ("the local Raylet is dead"), before the
+        # main thread has unwound: the main thread's ray.shutdown() ends Ray's processes; they are ended here only
+        # if it has not unwound in time, and then the line is said first.
+        if not _main_done.wait(SIGTERM_GRACE_S):
+            _say_and_exit(then_end_children=True)
+        return
+    terminate_descendants()  # a main thread blocked on a child's output (vLLM's engine) is freed by its end
     if not _main_done.wait(SIGTERM_GRACE_S):
-        echo(f"terminated; {RESUME_HINT}", err=True)
-        if _log_file:
-            echo(f"log: {_log_file}", err=True)
-        os._exit(143)
+        _say_and_exit(then_end_children=False)
+
+
+def _say_and_exit(then_end_children: bool) -> None:
+    echo(f"terminated; {RESUME_HINT}", err=True)
+    if _log_file:
+        echo(f"log: {_log_file}", err=True)
+    if then_end_children:
+        terminate_descendants()
+    os._exit(143)
 
 
 def stopped(code: int) -> int:

@@ -20,7 +20,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from shared import shards
+from conftest import TINY_MAX_NEW_TOKENS
+from shared import leases, shards
 from test_faults_stage1 import (  # noqa: F401  (demo: the module fixture, shared)
     REPO,
     ROWS,
@@ -43,6 +44,7 @@ def vllm_workspace(demo, name: str, tiny_llava_dir: Path, **stage1: object) -> W
     workspace = make_workspace(demo, name, tiny_llava_dir)
     text = workspace.config_path.read_text().replace('backend = "transformers"', 'backend = "vllm"')
     extra = {"embed_mode": '"input"', "gpu_memory_utilization": "0.05", **{k: str(v) for k, v in stage1.items()}}
+    text = "".join(line for line in text.splitlines(keepends=True) if line.split(" = ")[0] not in extra)
     text = text.replace("[stage1]\n", "[stage1]\n" + "".join(f"{k} = {v}\n" for k, v in extra.items()))
     workspace.config_path.write_text(text)
     config = load_config(workspace.config_path)
@@ -95,12 +97,16 @@ def all_rows_once(workspace: Workspace) -> None:
 
 
 def test_killed_worker_then_killed_engine_core_restart_the_engine_and_lose_nothing(demo, tiny_llava_dir, tmp_path):
+    # The kills fall inside the generation phase: 4x the usual tokens widen it (a fast machine generated all 8 shards
+    # in 3 s, before the test had killed anything), and each kill is triggered by a shard the engine has claimed,
+    # which it does only once it is up, rather than by a finished one.
     workspace = vllm_workspace(demo, "work-engine-deaths", tiny_llava_dir, engine_restarts=2,
-                               engine_stall_timeout_s=120)  # fmt: skip
+                               engine_stall_timeout_s=120, max_new_tokens=4 * TINY_MAX_NEW_TOKENS)  # fmt: skip
     proc = start_reason(workspace, None)
-    partial = workspace.run_dir / "reasonseg-train" / shards.PARTIAL_DIR
-    generated = lambda: len(list(partial.glob("*.gen.parquet"))) if partial.is_dir() else 0  # noqa: E731
-    wait_for(generated, proc, "the first shard's generation")  # the engine is up and at work
+    folder = workspace.run_dir / "reasonseg-train"
+    generated = lambda: len(list((folder / shards.PARTIAL_DIR).glob("*.gen.parquet")))  # noqa: E731
+    claimed = lambda: len(list((folder / leases.LEASE_DIR).glob(f"*{leases.LEASE_SUFFIX}")))  # noqa: E731
+    wait_for(claimed, proc, "the first shard's claim")  # the engine is up and at work on it
     first_cores = {p.pid for p in processes_of(proc.pid, "VLLM::EngineCore")}
     seen = processes_of(proc.pid, "VLLM::")
     (worker,) = processes_of(proc.pid, "VLLM::Worker")

@@ -21,8 +21,8 @@ MINI_WORLD_KEYS = {
     "data": {"demo_train_images": 400, "demo_val_images": 64},
     "stage1": {"model": "mini-llava", "max_new_tokens": 96, "max_embed_tokens": 96, "kv_cache_tokens": 32768,
                "engine_in_process": True},
-    "stage2": {"sam_variant": "mini", "sam_checkpoint": "mini-sam", "lr": 3e-3, "iterations": 600,
-               "checkpoint_every": 200},
+    "stage2": {"sam_variant": "mini", "sam_checkpoint": "mini-sam", "lr": 1e-3, "grad_clip_norm": 1.0,
+               "iterations": 600, "checkpoint_every": 200},
 }  # fmt: skip
 
 
@@ -132,7 +132,8 @@ def test_pipeline_toml_parses_as_plain_toml():
 
 def test_optimizer_keys_default_to_torch_and_the_paper_profiles_take_lisas():
     demo = load_config(PIPELINE_TOML)
-    assert (demo.stage2.adam_betas, demo.stage2.grad_clip_norm) == ([0.9, 0.999], 0.0)  # torch's AdamW, no clipping
+    assert demo.stage2.adam_betas == PipelineConfig().stage2.adam_betas == [0.9, 0.999]  # torch's AdamW
+    assert (PipelineConfig().stage2.grad_clip_norm, demo.stage2.grad_clip_norm) == (0.0, 1.0)  # the demo clips
     for profile in ("paper-13b", "paper-7b"):
         paper = load_config(PIPELINE_TOML, profile=profile, check_paths=False)
         assert (paper.stage2.adam_betas, paper.stage2.grad_clip_norm) == ([0.9, 0.95], 1.0), profile

@@ -2,11 +2,11 @@
 
 ``install()`` makes SIGTERM raise ``Terminated`` in the main thread (so engines and Ray clusters are closed on the way
 out) and end the job's child processes from a thread (while Ray is connected, only if the main thread's
-``ray.shutdown()`` has not run in time: Ray's driver exits with 1 when its raylet dies under it). Some libraries swallow
-an exception raised inside their blocking calls (pyzmq's poll while vLLM waits up to ten minutes for its engine to
-start), so ``STOPPING`` tells the command the job was terminated whatever exception reaches it, and if the main thread
-has not unwound after ``SIGTERM_GRACE_S`` the process exits with 143 all the same: finished shards and checkpoints are
-complete files, written by rename.
+``ray.shutdown()`` has not run in time: Ray's driver can exit with 1 when its raylet dies under it). Some libraries
+swallow an exception raised inside their blocking calls (pyzmq's poll while vLLM waits up to ten minutes for its engine
+to start), so ``STOPPING`` tells the command the job was terminated whatever exception reaches it, and if the main
+thread has not unwound after ``SIGTERM_GRACE_S`` the process exits with 143 all the same: finished shards and
+checkpoints are complete files, written by rename.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _ray_connected() -> bool:
 
 def _end_children_then_exit() -> None:
     if _ray_connected():
-        # A Ray driver whose raylet dies under it quits at once with exit 1 ("the local Raylet is dead"), before the
+        # A Ray driver whose raylet dies under it can quit at once with exit 1 ("the local Raylet is dead"), before the
         # main thread has unwound: the main thread's ray.shutdown() ends Ray's processes; they are ended here only
         # if it has not unwound in time, and then the line is said first.
         if not _main_done.wait(SIGTERM_GRACE_S):

@@ -90,11 +90,31 @@ def run_with_restarts(
                                 max_restarts, task.path)  # fmt: skip
                     _discard(engine)
                     engine = None
-                    engine = lifecycle.start(make_engine)
+                    engine, restarts = _restart(label, make_engine, lifecycle, restarts, max_restarts, task.path)
     finally:
         if own and engine is not None:
             lifecycle.close(engine)
     return results, restarts
+
+
+def _restart(
+    label: str, make_engine: Any, lifecycle: EngineLifecycle, restarts: int, max_restarts: int, shard: Any,
+) -> tuple[Any, int]:
+    """A new engine after a failure. A restart that dies while it starts (the OOM killer again, mid-start) uses up
+    another restart; with none left, the start's error is raised with the count."""
+    while True:
+        try:
+            return lifecycle.start(make_engine), restarts
+        except Exception as error:
+            if restarts >= max_restarts or STOPPING.is_set():
+                raise EngineFailure(
+                    f"{label}: the restarted engine failed to start: {error}; stopped after {restarts} engine "
+                    f"restart(s) (stage1.engine_restarts = {max_restarts}). {shard} is not done; finished shards are "
+                    "kept, and rerunning the command resumes"
+                ) from error
+            restarts += 1
+            log.warning("%s: the restarted engine failed to start (%s); starting another (%d of %d)", label, error,
+                        restarts, max_restarts)  # fmt: skip
 
 
 def _discard(engine: Any) -> None:

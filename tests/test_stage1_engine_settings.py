@@ -131,3 +131,34 @@ def test_a_phase_starts_one_engine_for_all_its_shards_and_counts_its_lifecycle()
     run_with_restarts(tasks, "test", _Engine(), _Engine, lambda task, engine: 0, 2, passed_in)
     assert passed_in.starts == 0  # the caller's engine is not ours to count or close
     assert passed_in.as_dict() == {"starts": 0, "start_s": 0.0, "close_s": 0.0}
+
+
+def test_a_restart_that_dies_while_it_starts_uses_up_another_restart():
+    from stage1_reason.engine_health import EngineFailure
+    from stage1_reason.executor import EngineLifecycle, run_with_restarts
+
+    tasks = [type("Task", (), {"path": f"shard-{i}"})() for i in range(3)]
+    failures = iter([True] + [False] * 10)
+
+    def flaky(task, engine):
+        if next(failures):
+            raise EngineFailure("engine process(es) [1] died")
+        return task.path
+
+    def starts(dies: set[int]):
+        count = iter(range(100))
+
+        def make():
+            if next(count) in dies:
+                raise RuntimeError("Engine core initialization failed")
+            return _Engine()
+        return make
+
+    lifecycle = EngineLifecycle()
+    results, restarts = run_with_restarts(tasks, "test", None, starts({1}), flaky, 2, lifecycle)
+    assert results == [t.path for t in tasks] and restarts == 2  # the died start counted as a restart
+    assert lifecycle.starts == 2  # the first engine and the one that came up
+    failures = iter([True] + [False] * 10)
+    with pytest.raises(EngineFailure, match=r"restarted engine failed to start: Engine core initialization failed; "
+                                            r"stopped after 2 engine restart\(s\).*shard-0 is not done"):  # fmt: skip
+        run_with_restarts(tasks, "test", None, starts({1, 2}), flaky, 2, EngineLifecycle())
